@@ -1,0 +1,27 @@
+"""Train streamret: `python launch/train.py [overrides]`, `deepspeed launch/train.py --stage gen ...`.
+
+Overrides are Hydra's (`stage=gen data.batch_size=16 model=clip_b32`); `--stage X` and DeepSpeed's
+injected `--local_rank=N` are accepted too. With no arguments it runs the embedded default job:
+synthetic corpus -> shards -> stage con -> stage gen -> evaluation -> MLflow.
+"""
+import sys
+
+from trainer.cli import ConfigError, load_config
+
+
+def main() -> int:
+    try:
+        cfg = load_config()
+    except ConfigError as err:
+        print(err.message, file=sys.stderr)
+        return 2
+    from trainer.errors import user_errors
+    from trainer.run import train
+
+    with user_errors():
+        train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

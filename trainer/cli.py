@@ -1,0 +1,123 @@
+"""Command line -> validated config, for every entry point in ``launch/``.
+
+Launchers inject flags Hydra does not know (DeepSpeed's ``--local_rank=N``, users' ``--stage gen``),
+so the entry points parse those first and compose the config with Hydra's Compose API.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config import RootConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+REPO_ROOT = CONF_DIR.parent
+
+# Keys that hold filesystem paths: made absolute at start, because a Ray job's working dir is
+# ephemeral and DeepSpeed ranks may start elsewhere.
+PATH_KEYS = ("data.root", "data.shards", "run.dir", "stage.gen.init", "model.weights")
+
+
+class ConfigError(SystemExit):
+    """A config problem, reported as one line and exit code 2."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+@dataclass
+class LaunchArgs:
+    overrides: list[str]
+    local_rank: int | None
+
+
+def parse_launcher_args(argv: list[str]) -> LaunchArgs:
+    """Split argv into launcher flags and Hydra overrides; ``--stage X`` becomes ``stage=X``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    parser.add_argument("--stage", default=None)
+    known, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("--")]
+    if stray:
+        raise ConfigError(
+            f"unknown flag {stray[0]!r}: launch/*.py take Hydra overrides (key=value, e.g. "
+            "stage=gen data.batch_size=16) plus --stage and --local_rank"
+        )
+    overrides = list(rest)
+    if known.stage:
+        overrides.append(f"stage={known.stage}")
+    if known.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(known.local_rank))
+    return LaunchArgs(overrides=overrides, local_rank=known.local_rank)
+
+
+def _register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=RootConfig)
+
+
+def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with overrides, validated against ``RootConfig``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+        _check_declared(cfg, RootConfig, "")
+        _absolutize_paths(cfg)
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+        first = str(cause).strip().splitlines()[0]
+        raise ConfigError(
+            f"config error: {first} (overrides: {' '.join(overrides) or 'none'}). Keys are "
+            "declared in trainer/config.py and conf/; group options are the files in conf/<group>/"
+        ) from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check_declared(node: DictConfig, schema: type, prefix: str) -> None:
+    """`+key=value` appends past Hydra's struct check; refuse any key RootConfig does not declare."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in fields:
+            raise ConfigError(
+                f"config error: key '{prefix}{key}' is not declared in trainer/config.py "
+                f"({schema.__name__}); check the spelling or declare it there and in conf/"
+            )
+        factory = fields[key].default_factory
+        child = factory() if factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(child) and isinstance(node._get_node(key), DictConfig):
+            _check_declared(node._get_node(key), type(child), f"{prefix}{key}.")
+
+
+def _absolutize_paths(cfg: DictConfig) -> None:
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        if value and "://" not in str(value) and not os.path.isabs(str(value)):
+            OmegaConf.update(cfg, key, str(REPO_ROOT / str(value)), merge=False)
+
+
+def load_config(argv: list[str] | None = None) -> DictConfig:
+    """Entry-point helper: argv -> config; config errors print one line and exit 2."""
+    args = parse_launcher_args(sys.argv[1:] if argv is None else argv)
+    return compose(args.overrides)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,168 @@
+"""The typed configuration tree. ``conf/`` YAML mirrors these dataclasses one to one; Hydra
+validates every file and override against them, so a key that is not declared here is an error.
+
+Plain dataclasses: the model library can be driven from Python without Hydra.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded procedurally generated corpus (only read when ``data.corpus=synthetic``)."""
+
+    n_train: int = 600
+    n_test: int = 96
+    size: int = 64
+    fps: int = 8
+    seconds: float = 4.0
+    captions_per_video: int = 2
+    seed: int = 0
+
+
+@dataclass
+class PackConfig:
+    shard_mb: int = 256
+    workers: int = 2  # probe/transcode processes; 0 = in-process
+    transcode_short_side: int = 0  # 0 = keep the original bytes
+    transcode_fps: float = 0.0
+    transcode_gop: int = 0
+    verify: bool = False
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "synthetic"  # synthetic | manifest | msrvtt | activitynet | didemo | msvd | lsmdc
+    root: str = MISSING  # the corpus as it lies on disk (conf/data/<corpus>.yaml sets it)
+    shards: str = "data/synthetic/shards"  # packed WebDataset shards
+    train_split: str = "train"
+    test_split: str = "test"
+    max_frames: int = 12
+    max_words: int = 32
+    sample_fps: float = 1.0
+    batch_size: int = 32  # per rank
+    eval_batch_size: int = 64
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    weights: str = ""  # local CLIP checkpoint (OpenAI JIT or open_clip state dict); "" = random init
+    embed_dim: int = 512
+    image_size: int = 224
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_head_width: int = 64
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    context_length: int = 77
+    vocab_size: int = 49408
+    quick_gelu: bool = True  # OpenAI weights were trained with QuickGELU
+    temporal_layers: int = 4
+    weight_mlp_hidden: int = 1024
+    logit_scale_init: float = 100.0
+    logit_scale_max: float = 100.0
+    freeze_patch_embed: bool = True
+    gen_tau: float = 1.0  # text-frame attention temperature inside the generator
+
+
+@dataclass
+class ConConfig:
+    """Stage ``con``: contrastive training of the encoders."""
+
+    epochs: int = 5
+    max_steps: int = 0  # 0 = epochs decide
+    lr: float = 1e-4
+    clip_lr_coef: float = 1e-3  # CLIP parameters learn at lr * clip_lr_coef
+    weight_decay: float = 0.2
+    warmup_ratio: float = 0.1
+    log_every: int = 10
+
+
+@dataclass
+class GenConfig:
+    """Stage ``gen``: the diffusion generator over candidate distributions, encoders frozen."""
+
+    init: str = ""  # stage-con checkpoint (dir or model.pt); "" = this run's own con checkpoint
+    epochs: int = 40
+    max_steps: int = 0
+    batch_size: int = 128  # queries per step (drawn from cached features)
+    pool_size: int = 128  # candidates per query: the positive + the hardest negatives
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    timesteps: int = 50
+    schedule: str = "cosine"  # cosine | linear
+    loss: str = "kl"  # kl | mse
+    kl_scale: float = 100.0
+    cache_features: bool = True  # encode the train split once; no video decoding during gen
+    log_every: int = 10
+
+
+@dataclass
+class StageConfig:
+    run: list[str] = field(default_factory=lambda: ["con", "gen"])
+    con: ConConfig = field(default_factory=ConConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
+
+
+@dataclass
+class EvalConfig:
+    rerank_topk: int = 32
+    rerank_alpha: float = 1.0
+    ddim_steps: int = 0  # 0 = all gen.timesteps
+    block: int = 256  # similarity block (rows) during evaluation
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    backend: str = "auto"  # auto = nccl with CUDA, gloo otherwise
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "streamret"
+    run_name: str = ""
+    registered_model: str = "streamret"
+    system_metrics: bool = False
+    flush_every_s: float = 5.0
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"  # local | deepspeed | ray
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    dir: str = "runs/${run.name}"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+
+@dataclass
+class RootConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,63 @@
+"""What every stage of a run shares: the typed config, ranks, the run dir, the metrics logger,
+and a small in-memory loss history for the plots."""
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.config import RootConfig
+from trainer.distributed import DistInfo
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunContext:
+    cfg: RootConfig
+    dist: DistInfo
+    run_dir: Path
+    tracker: object  # trainer.tracking.MetricsLogger (no-op off rank 0)
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
+
+    def log(self, stage: str, metrics: dict[str, float], step: int) -> None:
+        named = {f"{stage}/{k}": float(v) for k, v in metrics.items()}
+        self.tracker.log_metrics(named, step=step)
+        if "loss" in metrics:
+            self.history[f"{stage} loss"].append((step, float(metrics["loss"])))
+
+
+class StepTimer:
+    """Samples/s and the fraction of wall time spent waiting for data, per logging window."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.wait = 0.0
+        self.samples = 0
+
+    def data_ready(self) -> None:
+        now = time.perf_counter()
+        self.wait += now - self.mark
+        self.mark = now
+
+    def step_done(self, samples: int) -> None:
+        self.samples += samples
+        self.mark = time.perf_counter()
+
+    def read(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"samples_per_s": self.samples / elapsed, "data_wait_frac": self.wait / elapsed}
+        self.reset()
+        return out

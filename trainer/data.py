@@ -1,0 +1,90 @@
+"""The data source of a training run: corpus -> shards (packed once) -> streams -> batches.
+
+This is the seam between the trainer and where samples come from: the local path below reads
+shards with ``shards.ShardStream`` in DataLoader workers; a Ray Data source plugs in here too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from shards.index import ShardsNotFound, index_path, read_index, verify_split
+from shards.loader import StreamLoader, build_loader
+from shards.manifest import ManifestCorpus
+from shards.probe import Transcode
+from shards.stream import ShardStream
+from shards.synthetic import generate_synthetic_corpus
+from shards.writer import PackReport, pack_split
+from trainer.config import DataConfig, ModelConfig
+from trainer.distributed import DistInfo
+
+
+def corpus_records(data: DataConfig, split: str):
+    """The records (VideoSample | Quarantined) of one split of the configured corpus."""
+    root = Path(data.root)
+    if data.corpus == "synthetic":
+        s = data.synthetic
+        generate_synthetic_corpus(root, n_train=s.n_train, n_test=s.n_test, seed=s.seed, size=s.size, fps=s.fps,
+                                  seconds=s.seconds, captions_per_video=s.captions_per_video)
+        return ManifestCorpus(root / f"{split}.jsonl", corpus="synthetic").samples(split)
+    if data.corpus == "manifest":
+        for suffix in (".jsonl", ".csv"):
+            if (root / f"{split}{suffix}").is_file():
+                return ManifestCorpus(root / f"{split}{suffix}").samples(split)
+        raise FileNotFoundError(f"data=manifest: no {root}/{split}.jsonl or {split}.csv; write one manifest per split "
+                                "(rows: video, caption(s), optional start/end) or set data.root")
+    from shards.corpora import open_corpus
+
+    return open_corpus(data.corpus, root).samples(split)
+
+
+def transcode_spec(data: DataConfig) -> Transcode | None:
+    p = data.pack
+    if not p.transcode_short_side:
+        return None
+    return Transcode(short_side=p.transcode_short_side, fps=int(p.transcode_fps or 8), gop=p.transcode_gop or 8)
+
+
+def pack_corpus(data: DataConfig, splits: list[str], *, progress: bool, force: bool = False) -> list[PackReport]:
+    """Pack each split that has no shards yet (all of them with ``force``)."""
+    reports = []
+    for split in splits:
+        if not force and index_path(Path(data.shards), split).is_file():
+            continue
+        reports.append(pack_split(corpus_records(data, split), Path(data.shards), split,
+                                  shard_bytes=data.pack.shard_mb * 2**20, workers=data.pack.workers,
+                                  transcode=transcode_spec(data), progress=progress))
+        if data.pack.verify:
+            report = verify_split(Path(data.shards), split)
+            if not report.ok:
+                raise RuntimeError(f"verification of {data.shards}/{split} failed: {report}")
+    return reports
+
+
+def ensure_shards(data: DataConfig, *, progress: bool) -> list[PackReport]:
+    """The embedded synthetic corpus is generated and packed on first use; any other corpus must
+    already be packed (``python launch/pack.py``), so a typo in a path fails here, not mid-run."""
+    splits = [data.train_split, data.test_split]
+    if data.corpus == "synthetic":
+        return pack_corpus(data, splits, progress=progress)
+    for split in splits:
+        read_index(Path(data.shards), split)  # raises ShardsNotFound with the fix in its message
+    return []
+
+
+def train_loader(data: DataConfig, model: ModelConfig, dist: DistInfo, seed: int) -> StreamLoader:
+    stream = ShardStream(Path(data.shards), data.train_split, max_frames=data.max_frames,
+                         image_size=model.image_size, sample_fps=data.sample_fps, training=True, seed=seed,
+                         shuffle_buffer=data.shuffle_buffer, rank=dist.rank, world_size=dist.world_size)
+    return build_loader(stream, batch_size=data.batch_size, max_words=data.max_words,
+                        num_workers=data.num_workers, training=True, seed=seed)
+
+
+def eval_loader(data: DataConfig, model: ModelConfig, split: str) -> StreamLoader:
+    """Every sample of ``split`` exactly once, in file order (evaluation runs on rank 0)."""
+    stream = ShardStream(Path(data.shards), split, max_frames=data.max_frames, image_size=model.image_size,
+                         sample_fps=data.sample_fps, training=False)
+    return build_loader(stream, batch_size=data.eval_batch_size, max_words=data.max_words,
+                        num_workers=data.num_workers, training=False, seed=0)
+
+
+__all__ = ["ShardsNotFound", "corpus_records", "ensure_shards", "eval_loader", "pack_corpus", "train_loader"]

@@ -1,0 +1,68 @@
+"""Process-group setup for the three ways streamret starts: plain ``python`` (one rank),
+``deepspeed``/``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* in the environment) and Ray Train
+workers (which set the same variables before calling in)."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but CUDA is not available; use run.device=auto or cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (its engine needs a process group even with
+    one rank). A single process with no launcher gets a private loopback rendezvous."""
+    if os.environ.get("DS_ACCELERATOR") is None and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    dev = pick_device(device, local_rank)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, dev)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,72 @@
+"""Retrieval evaluation of a split's features: plain stage-1 similarity, then the generator's
+re-ranking of each query's top K (method.md sections 4 and 6), reported side by side."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ops import rerank_topk, retrieval_metrics
+from trainer.features import FeatureBank
+from trainer.models import Generators, RetrievalEncoder
+
+
+@dataclass
+class Evaluation:
+    """metrics[variant][direction][metric]; ranks[f"{variant} {direction}"] for plots."""
+
+    metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    ranks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, variant: str, t2v_sim: torch.Tensor, v2t_sim: torch.Tensor, text_to_video: torch.Tensor) -> None:
+        """t2v_sim [Nt, Nv] and v2t_sim [Nt, Nv] (texts x videos both; they differ after re-ranking)."""
+        t2v = retrieval_metrics(t2v_sim, text_to_video)
+        v2t = t2v if v2t_sim is t2v_sim else retrieval_metrics(v2t_sim, text_to_video)
+        self.metrics[variant] = {"t2v": t2v["t2v"], "v2t": v2t["v2t"]}
+        self.ranks[f"{variant} t2v"] = t2v["t2v_ranks"].cpu()
+        self.ranks[f"{variant} v2t"] = v2t["v2t_ranks"].cpu()
+
+
+@torch.no_grad()
+def similarity_matrix(encoder: RetrievalEncoder, bank: FeatureBank, block: int) -> torch.Tensor:
+    """Stage-1 WTI similarity of every caption against every video, in row blocks."""
+    videos = bank.video()
+    rows = [encoder.similarity(bank.text(slice(i, i + block)), videos)
+            for i in range(0, bank.words.shape[0], block)]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def rerank(sim: torch.Tensor, bank: FeatureBank, generators: Generators, abar: torch.Tensor, *,
+           topk: int, alpha: float, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDIM re-ranking inside each query's top K, both directions; returns (t2v, v2t) as [Nt, Nv]."""
+    dtype = next(generators.parameters()).dtype
+    frames, frame_mask, sentence = bank.frames.to(dtype), bank.frame_mask, bank.sentence.to(dtype)
+
+    def t2v_denoiser(q, cand):
+        return lambda x_t, k: generators.t2v(sentence[q], frames[cand], frame_mask[cand], x_t.to(dtype), k).float()
+
+    def v2t_denoiser(q, cand):
+        return lambda x_t, k: generators.v2t(frames[q], frame_mask[q], sentence[cand], x_t.to(dtype), k).float()
+
+    g = torch.Generator(device=sim.device).manual_seed(seed)
+    k_t2v, k_v2t = min(topk, sim.shape[1]), min(topk, sim.shape[0])
+    t2v = rerank_topk(sim, t2v_denoiser, abar, k=k_t2v, alpha=alpha, steps=steps, generator=g)
+    v2t = rerank_topk(sim.t().contiguous(), v2t_denoiser, abar, k=k_v2t, alpha=alpha, steps=steps, generator=g)
+    return t2v, v2t.t()
+
+
+@torch.no_grad()
+def evaluate(encoder: RetrievalEncoder, bank: FeatureBank, *, block: int, generators: Generators | None = None,
+             abar: torch.Tensor | None = None, topk: int = 32, alpha: float = 1.0, steps: int = 0,
+             seed: int = 0) -> Evaluation:
+    """Variants: ``con`` (stage-1 WTI similarity) and, with a generator, ``gen_rerank``."""
+    sim = similarity_matrix(encoder, bank, block)
+    result = Evaluation()
+    result.add("con", sim, sim, bank.text_to_video)
+    if generators is not None:
+        generators.eval()
+        t2v, v2t = rerank(sim, bank, generators, abar, topk=topk, alpha=alpha,
+                          steps=steps or abar.shape[0], seed=seed)
+        result.add("gen_rerank", t2v, v2t, bank.text_to_video)
+    return result

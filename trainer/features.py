@@ -1,0 +1,83 @@
+"""Frozen-encoder features of a whole split: what evaluation scores and stage gen trains on.
+
+One row per caption (texts) and one per video; ``text_to_video`` maps each caption to its video.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from tqdm import tqdm
+
+from shards.tokenize import CaptionTokenizer
+from trainer.models import RetrievalEncoder, TextFeatures, VideoFeatures
+
+
+@dataclass
+class FeatureBank:
+    words: torch.Tensor  # [Nt, Lw, D]
+    word_weights: torch.Tensor  # [Nt, Lw]
+    word_mask: torch.Tensor  # [Nt, Lw]
+    sentence: torch.Tensor  # [Nt, D]
+    frames: torch.Tensor  # [Nv, Lf, D]
+    frame_weights: torch.Tensor  # [Nv, Lf]
+    frame_mask: torch.Tensor  # [Nv, Lf]
+    text_to_video: torch.Tensor  # [Nt] long
+    video_ids: list[str]
+    captions: list[str]
+
+    @property
+    def num_videos(self) -> int:
+        return self.frames.shape[0]
+
+    def text(self, idx: torch.Tensor | slice = slice(None)) -> TextFeatures:
+        return TextFeatures(self.words[idx].float(), self.word_weights[idx], self.word_mask[idx], self.sentence[idx].float())
+
+    def video(self, idx: torch.Tensor | slice = slice(None)) -> VideoFeatures:
+        return VideoFeatures(self.frames[idx].float(), self.frame_weights[idx], self.frame_mask[idx])
+
+    def random_caption_of(self, videos: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One caption index per video, uniformly among that video's captions."""
+        order = torch.argsort(self.text_to_video, stable=True)
+        counts = torch.bincount(self.text_to_video, minlength=self.num_videos)
+        starts = torch.cumsum(counts, 0) - counts
+        pick = (torch.rand(len(videos), generator=generator) * counts[videos]).long()
+        return order[starts[videos] + pick]
+
+    def to(self, device: torch.device) -> "FeatureBank":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return FeatureBank(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in moved.items()})
+
+
+@torch.no_grad()
+def encode_split(encoder: RetrievalEncoder, loader, tokenizer: CaptionTokenizer, device: torch.device,
+                 dtype: torch.dtype, desc: str, progress: bool = True,
+                 store_dtype: torch.dtype = torch.float32) -> FeatureBank:
+    """Encode every video and every caption of an eval-mode loader with the (frozen) encoder."""
+    encoder.eval()
+    texts: list[TextFeatures] = []
+    videos: list[VideoFeatures] = []
+    text_to_video: list[int] = []
+    video_ids: list[str] = []
+    captions: list[str] = []
+    for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
+        videos.append(encoder.encode_video(batch["video"].to(device, dtype), batch["video_mask"].to(device)))
+        for video_id, caps in zip(batch["video_id"], batch["captions"]):
+            text_to_video.extend([len(video_ids)] * len(caps))
+            video_ids.append(video_id)
+            captions.extend(caps)
+        ids, mask = tokenizer([c for caps in batch["captions"] for c in caps])
+        texts.append(encoder.encode_text(ids.to(device), mask.to(device)))
+    if not videos:
+        raise RuntimeError(f"{desc}: the split yielded no samples; check its shards and quarantine log")
+
+    def cat(items, name):
+        return torch.cat([getattr(x, name) for x in items])
+
+    return FeatureBank(
+        words=cat(texts, "words").to(store_dtype), word_weights=cat(texts, "weights").float(),
+        word_mask=cat(texts, "mask"), sentence=cat(texts, "sentence").to(store_dtype),
+        frames=cat(videos, "frames").to(store_dtype), frame_weights=cat(videos, "weights").float(),
+        frame_mask=cat(videos, "mask"), text_to_video=torch.tensor(text_to_video, device=device),
+        video_ids=video_ids, captions=captions,
+    )

@@ -1,0 +1,122 @@
+"""The dual encoder of stage ``con`` (method.md sections 1-2): CLIP frames and words, a temporal
+transformer over frames, token weights, and the WTI similarity.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from torch import nn
+
+from ops import wti_similarity
+from trainer.config import ModelConfig
+from trainer.models.clip import encode_words
+
+
+@dataclass
+class TextFeatures:
+    words: torch.Tensor  # [B, Lw, D] L2-normalised
+    weights: torch.Tensor  # [B, Lw] softmax over real words, 0 at padding
+    mask: torch.Tensor  # [B, Lw] bool
+    sentence: torch.Tensor  # [B, D] L2-normalised word feature at <eot>
+
+
+@dataclass
+class VideoFeatures:
+    frames: torch.Tensor  # [B, Lf, D] L2-normalised F'
+    weights: torch.Tensor  # [B, Lf]
+    mask: torch.Tensor  # [B, Lf] bool
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
+
+def token_weight_mlp(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+
+
+class TemporalTransformer(nn.Module):
+    """F' = Transformer(F + P) + F, initialised from CLIP's text blocks and positions, not causal,
+    padded frames masked out of attention."""
+
+    def __init__(self, clip: CLIP, layers: int, max_frames: int):
+        super().__init__()
+        width = clip.transformer.width
+        if layers > len(clip.transformer.resblocks):
+            raise ValueError(f"temporal_layers={layers} but CLIP's text tower has only "
+                             f"{len(clip.transformer.resblocks)} blocks to initialise from")
+        if max_frames > clip.positional_embedding.shape[0]:
+            raise ValueError(f"max_frames={max_frames} exceeds the {clip.positional_embedding.shape[0]} "
+                             "CLIP text positions the frame positions are initialised from")
+        self.heads = clip.transformer.resblocks[0].attn.num_heads
+        self.position = nn.Parameter(clip.positional_embedding.detach()[:max_frames].clone())
+        self.blocks = nn.ModuleList(copy.deepcopy(clip.transformer.resblocks[i]) for i in range(layers))
+        self.width = width
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = frames.shape
+        x = frames + self.position[:t].to(frames.dtype)
+        # Key padding as an additive [B*heads, T, T] mask: the blocks only take attn_mask.
+        pad = torch.zeros(b, 1, 1, t, dtype=frames.dtype, device=frames.device)
+        pad = pad.masked_fill(~mask[:, None, None, :], float("-inf"))
+        attn_mask = pad.expand(b, self.heads, t, t).reshape(b * self.heads, t, t)
+        for block in self.blocks:
+            x = block(x, attn_mask=attn_mask)
+        return x + frames
+
+
+class RetrievalEncoder(nn.Module):
+    """Texts and videos -> token features, token weights, WTI similarity."""
+
+    def __init__(self, clip: CLIP, cfg: ModelConfig, max_frames: int):
+        super().__init__()
+        self.clip = clip
+        if cfg.text_width != cfg.embed_dim:
+            raise ValueError("the temporal transformer is initialised from the text blocks, so "
+                             f"model.text_width ({cfg.text_width}) must equal model.embed_dim ({cfg.embed_dim})")
+        self.temporal = TemporalTransformer(clip, cfg.temporal_layers, max_frames)
+        self.text_weight = token_weight_mlp(cfg.embed_dim, cfg.weight_mlp_hidden)
+        self.video_weight = token_weight_mlp(cfg.embed_dim, cfg.weight_mlp_hidden)
+        # Shape [1], not a scalar: DeepSpeed broadcasts parameters as bytes, which 0-d bf16 cannot be.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.logit_scale_init)))
+        self.logit_scale_max = cfg.logit_scale_max
+        # CLIP's own 0-d logit scale is unused (ours is above); drop it: DeepSpeed broadcasts
+        # parameters as bytes, which a 0-d bf16 tensor cannot be viewed as.
+        clip.logit_scale = None
+        if cfg.freeze_patch_embed:
+            clip.visual.conv1.requires_grad_(False)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
+        words = encode_words(self.clip, ids)
+        eot = ids.argmax(dim=-1)  # <eot> has the largest id in CLIP's vocabulary
+        sentence = words[torch.arange(ids.shape[0], device=ids.device), eot]
+        weights = masked_softmax(self.text_weight(words).squeeze(-1).float(), mask)
+        return TextFeatures(F.normalize(words, dim=-1), weights, mask, F.normalize(sentence, dim=-1))
+
+    def encode_video(self, video: torch.Tensor, mask: torch.Tensor) -> VideoFeatures:
+        b, t = video.shape[:2]
+        frames = self.clip.encode_image(video.flatten(0, 1)).view(b, t, -1)
+        frames = self.temporal(frames, mask)
+        weights = masked_softmax(self.video_weight(frames).squeeze(-1).float(), mask)
+        return VideoFeatures(F.normalize(frames, dim=-1), weights, mask)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.logit_scale_max)
+
+    @staticmethod
+    def similarity(text: TextFeatures, video: VideoFeatures, block: int = 128) -> torch.Tensor:
+        """s [Nt, Nv], computed in fp32 blocks (ops.wti_similarity)."""
+        return wti_similarity(text.words.float(), text.weights, text.mask,
+                              video.frames.float(), video.weights, video.mask, block=block)
+
+    def clip_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.clip.parameters() if p.requires_grad]
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        clip_ids = {id(p) for p in self.clip.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in clip_ids]

@@ -1,0 +1,100 @@
+"""The DiffusionRet generator (method.md section 3): given a query and its candidate pool, predict
+the clean distribution x0 over the candidates from a noisy one x_t.
+
+Two instances are trained: ``t2v`` (query text, candidate videos) and ``v2t`` (query video,
+candidate texts). Both are permutation-equivariant over candidates.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_embedding(k: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=k.device, dtype=torch.float32) / half)
+    angles = k.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def attend_frames(query: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """sum_f softmax_f(<query, frame_f> / tau) frame_f over real frames only.
+
+    query [..., D], frames [..., F, D], mask [..., F]. Padded frames are excluded before the
+    softmax, so the weights renormalise over real frames (the reference masked after it).
+    """
+    logits = torch.einsum("...d,...fd->...f", query, frames) / tau
+    weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return torch.einsum("...f,...fd->...d", weights, frames)
+
+
+class _Generator(nn.Module):
+    """Shared layers of both directions; subclasses say what the query and candidates are."""
+
+    def __init__(self, dim: int, tau: float = 1.0):
+        super().__init__()
+        self.dim = dim
+        self.tau = tau
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim)
+        self.decoder = nn.Sequential(nn.Linear(2 * dim, 2 * dim), nn.ReLU(inplace=True), nn.Linear(2 * dim, 1))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def time_embedding(self, k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.time_mlp(sinusoidal_embedding(k, self.dim).to(dtype))[:, None]  # [B, 1, D]
+
+    def score(self, q: torch.Tensor, cand: torch.Tensor, pair: torch.Tensor, e: torch.Tensor,
+              x_t: torch.Tensor) -> torch.Tensor:
+        """a = softmax_c(q.k_c + x_t[c]); x0_hat[c] = MLP_dec([Wo(sum_c a_c u_c) ; v_c]) + a_c."""
+        keys = self.wk(cand + e)
+        values = self.wv(cand + e)
+        attn = ((q * keys).sum(-1) + x_t).softmax(dim=-1)  # [B, K]
+        h = self.wo(torch.einsum("bk,bkd->bd", attn, values))
+        return self.decoder(torch.cat([h[:, None].expand_as(pair), pair], dim=-1)).squeeze(-1) + attn
+
+
+class TextToVideoGenerator(_Generator):
+    def forward(self, text: torch.Tensor, cand_frames: torch.Tensor, cand_mask: torch.Tensor,
+                x_t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """text [B, D] query sentences; cand_frames [B, K, F, D], cand_mask [B, K, F]; x_t [B, K];
+        k [B] long -> x0_hat [B, K]."""
+        e = self.time_embedding(k, x_t.dtype)
+        # v_c: candidate video c pooled by the query text; it is both key source and pair feature.
+        v = attend_frames(text[:, None].expand(-1, cand_frames.shape[1], -1), cand_frames, cand_mask, self.tau)
+        return self.score(self.wq(text[:, None] + e), v, v, e, x_t)
+
+
+class VideoToTextGenerator(_Generator):
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor, cand_text: torch.Tensor,
+                x_t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """frames [B, F, D], frame_mask [B, F] of the query videos; cand_text [B, K, D] candidate
+        sentences; x_t [B, K]; k [B] long -> x0_hat [B, K]."""
+        e = self.time_embedding(k, x_t.dtype)
+        n = cand_text.shape[1]
+        # v_c: the query video pooled by candidate text c.
+        v = attend_frames(cand_text, frames[:, None].expand(-1, n, -1, -1), frame_mask[:, None].expand(-1, n, -1), self.tau)
+        return self.score(self.wq(v + e), cand_text, v, e, x_t)
+
+
+class Generators(nn.Module):
+    """Both directions, trained together in stage gen (L_gen = L_t2v + L_v2t)."""
+
+    def __init__(self, dim: int, tau: float = 1.0):
+        super().__init__()
+        self.t2v = TextToVideoGenerator(dim, tau)
+        self.v2t = VideoToTextGenerator(dim, tau)
+
+    def num_parameters(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in m.parameters()) for name, m in (("t2v", self.t2v), ("v2t", self.v2t))}

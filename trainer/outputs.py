@@ -1,0 +1,52 @@
+"""End of run on rank 0: retrieval metrics to MLflow, plots, ``<run_dir>/metrics.json``, and the
+summary table on stdout."""
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from trainer.evaluate import Evaluation
+from trainer.plots import plot_loss_curves, plot_rank_histograms, plot_recall_curves, plot_stage_comparison
+from trainer.report import summary_table, write_metrics_json
+
+
+def eval_metric_names(result: Evaluation) -> dict[str, float]:
+    """MLflow-legal names: ``eval/<variant>/<direction>_<metric>``, e.g. ``eval/con/t2v_R1``."""
+    return {f"eval/{variant}/{direction}_{name}": value
+            for variant, by_dir in result.metrics.items()
+            for direction, metrics in by_dir.items()
+            for name, value in metrics.items()}
+
+
+def write_outputs(ctx, result: Evaluation, elapsed_s: float) -> None:
+    cfg, run_dir, tracker = ctx.cfg, ctx.run_dir, ctx.tracker
+    tracker.log_metrics(eval_metric_names(result), step=0)
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    made = [
+        plot_recall_curves(result.ranks, plots / "recall_at_k.png", f"{cfg.run.name}: recall@K"),
+        plot_rank_histograms(result.ranks, plots / "rank_histograms.png", f"{cfg.run.name}: ranks of the true item"),
+        plot_stage_comparison(result.metrics, plots / "stage_comparison.png"),
+    ]
+    if ctx.history:
+        made.append(plot_loss_curves(ctx.history, plots / "loss_curves.png"))
+    payload = {
+        "run": cfg.run.name,
+        "mlflow_run_id": tracker.run_id,
+        "tracking_uri": cfg.tracking.uri,
+        "corpus": cfg.data.corpus,
+        "test_split": cfg.data.test_split,
+        "stages": list(cfg.stage.run),
+        "elapsed_s": round(elapsed_s, 1),
+        "metrics": result.metrics,
+    }
+    metrics_path = write_metrics_json(run_dir / "metrics.json", payload)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    for path in (metrics_path, config_path):
+        tracker.log_artifact(path)
+    for path in made:
+        tracker.log_artifact(path, artifact_path="plots")
+    print(f"\n{cfg.run.name}: {cfg.data.corpus} {cfg.data.test_split}, stages {'+'.join(cfg.stage.run)}, "
+          f"{elapsed_s / 60:.1f} min\n{summary_table(result.metrics)}\n"
+          f"metrics: {metrics_path}\nplots:   {plots}\nMLflow run {tracker.run_id} at {cfg.tracking.uri} "
+          f"(mlflow ui --backend-store-uri {cfg.tracking.uri})")

@@ -1,0 +1,118 @@
+"""Stage ``gen``: the diffusion generator learns to denoise the one-hot distribution over a
+candidate pool (the positive plus the hardest negatives by stage-1 similarity), encoders frozen.
+
+The frozen encoders' features are computed once (``stage.gen.cache_features``) so this stage
+never decodes video again.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ops import cosine_alphas_cumprod, linear_alphas_cumprod, mine_candidate_pools, q_sample
+from trainer.features import FeatureBank
+from trainer.losses import diffusion_loss
+from trainer.models import Generators, RetrievalEncoder
+
+
+def alphas_cumprod(schedule: str, timesteps: int) -> torch.Tensor:
+    if schedule == "cosine":
+        return cosine_alphas_cumprod(timesteps)
+    if schedule == "linear":
+        return linear_alphas_cumprod(timesteps)
+    raise ValueError(f"stage.gen.schedule must be 'cosine' or 'linear', got {schedule!r}")
+
+
+class GenerationTask(nn.Module):
+    """What the DeepSpeed engine wraps in stage gen: a batch of paired features -> L_t2v + L_v2t."""
+
+    def __init__(self, generators: Generators, abar: torch.Tensor, loss: str, kl_scale: float):
+        super().__init__()
+        self.generators = generators
+        self.abar = abar  # a plain attribute, not a buffer: DeepSpeed would cast a buffer to bf16
+        self.loss_kind = loss
+        self.kl_scale = kl_scale
+
+    def forward(self, sim: torch.Tensor, bank: FeatureBank, text_idx: torch.Tensor, video_idx: torch.Tensor,
+                pool_size: int, groups: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        n = text_idx.shape[0]
+        arange = torch.arange(n, device=sim.device)
+        dtype = next(self.generators.parameters()).dtype
+        losses = {}
+        for direction, s in (("t2v", sim), ("v2t", sim.t())):
+            pools = mine_candidate_pools(s, arange, pool_size, groups, groups)  # [n, P], positive at 0
+            # Shuffle columns so the positive's position carries no information.
+            perm = torch.randperm(pool_size, device=sim.device)
+            pools, positive = pools[:, perm], (perm == 0).nonzero()[0].expand(n)
+            x0 = nn.functional.one_hot(positive, pool_size).float()
+            k = torch.randint(0, self.abar.shape[0], (n,), device=sim.device)
+            x_t = q_sample(x0, k, self.abar, torch.randn_like(x0)).to(dtype)
+            if direction == "t2v":
+                cand = video_idx[pools]
+                x0_hat = self.generators.t2v(bank.sentence[text_idx].to(dtype), bank.frames[cand].to(dtype),
+                                             bank.frame_mask[cand], x_t, k)
+            else:
+                cand = text_idx[pools]
+                x0_hat = self.generators.v2t(bank.frames[video_idx].to(dtype), bank.frame_mask[video_idx],
+                                             bank.sentence[cand].to(dtype), x_t, k)
+            losses[direction] = diffusion_loss(x0_hat.float(), positive, self.loss_kind, self.kl_scale)
+        total = losses["t2v"] + losses["v2t"]
+        return total, {f"loss_{d}": v.item() for d, v in losses.items()}
+
+
+def sample_pairs(bank: FeatureBank, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of distinct videos, one random caption each (like a stage-1 training batch)."""
+    n_videos = bank.num_videos
+    videos = torch.randperm(n_videos, generator=generator)[: min(batch_size, n_videos)]
+    texts = bank.random_caption_of(videos, generator)
+    return texts, videos
+
+
+@torch.no_grad()
+def stage1_similarity(encoder: RetrievalEncoder, bank: FeatureBank, text_idx: torch.Tensor,
+                      video_idx: torch.Tensor) -> torch.Tensor:
+    return encoder.similarity(bank.text(text_idx), bank.video(video_idx))
+
+
+def generation_step(engine, encoder: RetrievalEncoder, bank: FeatureBank, batch_size: int, pool_size: int,
+                    rng: torch.Generator) -> dict[str, float]:
+    text_idx, video_idx = sample_pairs(bank, batch_size, rng)
+    sim = stage1_similarity(encoder, bank, text_idx, video_idx)
+    groups = video_idx  # one caption per video in the batch: its video index is its group
+    loss, parts = engine(sim, bank, text_idx, video_idx, min(pool_size, len(video_idx)), groups)
+    engine.backward(loss)
+    engine.step()
+    return {"loss": loss.item(), **parts}
+
+
+def train_gen(ctx, encoder: RetrievalEncoder, bank: FeatureBank) -> tuple[Generators, torch.Tensor]:
+    """The stage-gen loop over cached train features; returns the generators and the schedule."""
+    from trainer.checkpoint import save_stage
+    from trainer.context import StepTimer
+    from trainer.engine import build_engine, learning_rates
+    from trainer.models import build_generators
+
+    cfg, gen = ctx.cfg, ctx.cfg.stage.gen
+    generators = build_generators(cfg.model).to(ctx.dist.device)
+    if ctx.dist.is_main:
+        print(f"generator parameters: {generators.num_parameters()}")
+    abar = alphas_cumprod(gen.schedule, gen.timesteps).to(ctx.dist.device)
+    steps_per_epoch = max(1, bank.num_videos // gen.batch_size)
+    total = gen.max_steps or gen.epochs * steps_per_epoch
+    task = GenerationTask(generators, abar, gen.loss, gen.kl_scale)
+    engine = build_engine(task, [{"params": list(generators.parameters()), "lr": gen.lr}], cfg.deepspeed,
+                          micro_batch=gen.batch_size, total_steps=total, warmup_ratio=gen.warmup_ratio,
+                          weight_decay=gen.weight_decay)
+    rng = torch.Generator().manual_seed(cfg.run.seed * 1000 + ctx.dist.rank)
+    timer = StepTimer()
+    for step in tqdm(range(1, total + 1), desc="stage gen", disable=not (cfg.run.progress and ctx.dist.is_main)):
+        timer.data_ready()
+        metrics = generation_step(engine, encoder, bank, gen.batch_size, gen.pool_size, rng)
+        timer.step_done(min(gen.batch_size, bank.num_videos) * ctx.dist.world_size)
+        if step % gen.log_every == 0 or step == total:
+            ctx.log("gen", {**metrics, **learning_rates(engine), **timer.read()}, step)
+    save_stage(engine, ctx.run_dir, "gen", total, {}, export={"model_config": asdict(cfg.model)})
+    return engine.module.generators, abar
