@@ -1,0 +1,100 @@
+"""Frames from mp4 bytes: which frames to take, decord decoding in memory, CLIP preprocessing."""
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# decord must be imported after torch in the same process, or its bundled libs can clash.
+import decord  # noqa: E402
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def sample_frame_indices(
+    num_frames: int,
+    fps: float,
+    max_frames: int,
+    sample_fps: float = 1.0,
+    start: float | None = None,
+    end: float | None = None,
+) -> np.ndarray:
+    """Frame indices at ``sample_fps`` inside ``[start, end]`` seconds (whole video when None),
+    thinned uniformly (linspace) to ``max_frames`` when there are more.
+
+    Never empty for a non-empty video: a window shorter than one sampling step still gets its
+    first frame, and a window past the end falls back to the last frame.
+    """
+    if num_frames <= 0:
+        raise ValueError(f"num_frames={num_frames}: the video has no frames to sample")
+    if max_frames <= 0 or sample_fps <= 0:
+        raise ValueError(f"max_frames={max_frames}, sample_fps={sample_fps}: both must be > 0")
+    fps = float(fps) if fps and fps > 0 else 1.0
+    duration = num_frames / fps
+    t0 = 0.0 if start is None else max(0.0, float(start))
+    t1 = duration if end is None else min(duration, float(end))
+    if t1 <= t0:
+        t1 = t0 + 1.0 / fps
+    times = np.arange(t0, t1, 1.0 / sample_fps)
+    idx = np.clip(np.floor(times * fps).astype(np.int64), 0, num_frames - 1)
+    if idx.size == 0:
+        idx = np.array([min(int(t0 * fps), num_frames - 1)], dtype=np.int64)
+    if idx.size > max_frames:
+        pick = np.linspace(0, idx.size - 1, max_frames).round().astype(np.int64)
+        idx = idx[pick]
+    return idx
+
+
+def decode_frames(mp4: bytes, indices_fn: Callable[[int, float], np.ndarray]) -> np.ndarray:
+    """Decode the frames ``indices_fn(num_frames, fps)`` picks, straight from memory (no temp
+    files). Returns uint8 ``[T, H, W, 3]``. decord's own frame count is authoritative: indices
+    past it are clipped, since containers sometimes over-report their length."""
+    reader = decord.VideoReader(io.BytesIO(mp4), ctx=decord.cpu(0), num_threads=1)
+    n = len(reader)
+    if n == 0:
+        raise ValueError("decord found 0 frames in the mp4 bytes")
+    indices = np.clip(np.asarray(indices_fn(n, reader.get_avg_fps()), dtype=np.int64), 0, n - 1)
+    return reader.get_batch(indices.tolist()).asnumpy()
+
+
+class ClipTransform:
+    """CLIP preprocessing for a clip: short side to ``image_size`` (bicubic, antialiased),
+    centre crop, [0, 1], CLIP mean/std. Pads to ``max_frames`` with zeros and returns the mask
+    of real frames."""
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+        self.mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+    def __call__(
+        self, frames: np.ndarray | torch.Tensor, max_frames: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``frames`` uint8 ``[T, H, W, 3]`` -> (float ``[max_frames, 3, S, S]``, bool ``[max_frames]``)."""
+        x = torch.as_tensor(frames)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected frames [T, H, W, 3], got shape {tuple(x.shape)}")
+        t = x.shape[0]
+        max_frames = t if max_frames is None else max_frames
+        if t > max_frames:
+            raise ValueError(f"{t} frames but max_frames={max_frames}: sample fewer frames first")
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        h, w = x.shape[-2:]
+        s = self.image_size
+        scale = s / min(h, w)
+        new_h, new_w = max(s, round(h * scale)), max(s, round(w * scale))
+        if (new_h, new_w) != (h, w):
+            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp_(0.0, 1.0)  # bicubic overshoots at edges
+        top, left = (new_h - s) // 2, (new_w - s) // 2
+        x = x[:, :, top : top + s, left : left + s]
+        x = (x - self.mean) / self.std
+        out = torch.zeros(max_frames, 3, s, s, dtype=torch.float32)
+        out[:t] = x
+        mask = torch.zeros(max_frames, dtype=torch.bool)
+        mask[:t] = True
+        return out, mask

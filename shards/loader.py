@@ -1,0 +1,119 @@
+"""DataLoader over a ``ShardStream`` with batch-exact resume.
+
+Batches are assembled inside the workers (collation and tokenisation included) and the
+DataLoader only forwards them (``batch_size=None``). The main process counts the batches it has
+handed out and writes that back into ``stream.samples_consumed``, so ``stream.state_dict()`` is
+exact whatever ``num_workers`` is: on resume each worker derives from the consumed-batch count
+which of its samples to skip (see ``ShardStream.iter_batches``).
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards.stream import ShardStream
+from shards.tokenize import CaptionTokenizer
+
+
+def pick_caption(captions: list[str], seed: int, epoch: int, key: str) -> int:
+    """The caption trained on for a sample this epoch: fixed by (seed, epoch, key), so it does not
+    depend on worker count, shuffle order or resume."""
+    return random.Random(f"caption/{seed}/{epoch}/{key}").randrange(len(captions))
+
+
+class _Batches(IterableDataset):
+    """Runs in each worker: the stream's batches for that worker, collated."""
+
+    def __init__(self, stream: ShardStream, batch_size: int, max_words: int, training: bool, seed: int,
+                 batches_done: int) -> None:
+        super().__init__()
+        self.stream, self.batch_size, self.training, self.seed = stream, batch_size, training, seed
+        self.batches_done = batches_done
+        self.tokenizer = CaptionTokenizer(max_words) if training else None
+
+    def __iter__(self) -> Iterator[dict]:
+        base = dict(self.stream.counters)
+        info = get_worker_info()
+        slot = 0 if info is None else info.id
+        for size, samples in self.stream.iter_batches(self.batch_size, self.batches_done):
+            batch = self.collate(samples)
+            batch["_raw_size"] = size
+            batch["_slot"] = slot
+            batch["_counters"] = {k: v - base.get(k, 0) for k, v in self.stream.counters.items()}
+            yield batch
+
+    def collate(self, samples: list[dict]) -> dict:
+        s = self.stream
+        empty_video = torch.zeros(0, s.max_frames, 3, s.image_size, s.image_size)
+        batch = {
+            "video": torch.stack([x["frames"] for x in samples]) if samples else empty_video,
+            "video_mask": torch.stack([x["frame_mask"] for x in samples]) if samples
+            else torch.zeros(0, s.max_frames, dtype=torch.bool),
+            "video_id": [x["video_id"] for x in samples],
+            "key": [x["key"] for x in samples],
+            "captions": [x["captions"] for x in samples],
+            "meta": [x["meta"] for x in samples],
+        }
+        if self.training:
+            chosen = [x["captions"][pick_caption(x["captions"], self.seed, s.epoch, x["key"])] for x in samples]
+            batch["text"], batch["text_mask"] = self.tokenizer(chosen)
+        return batch
+
+
+class StreamLoader:
+    """Iterable of batch dicts: ``video`` [B,T,3,S,S], ``video_mask`` [B,T], ``video_id``, ``key``,
+    ``captions``, ``meta``; when training also ``text`` / ``text_mask`` [B, max_words] for one
+    caption per sample. Iterating past the end of a training epoch's data moves to the next
+    epoch; call ``stream.set_epoch`` to choose one explicitly."""
+
+    def __init__(self, stream: ShardStream, *, batch_size: int, max_words: int, num_workers: int, training: bool,
+                 seed: int) -> None:
+        if training != stream.training:
+            raise ValueError(f"build_loader(training={training}) over a stream built with training={stream.training}")
+        self.stream, self.batch_size, self.max_words = stream, batch_size, max_words
+        self.num_workers, self.training, self.seed = num_workers, training, seed
+        stream.batch_size, stream.num_workers = batch_size, num_workers
+
+    def __len__(self) -> int:
+        if self.training:
+            return self.stream.num_batches(self.batch_size)
+        raise TypeError("an eval StreamLoader has no fixed batch count; use stream.samples_this_rank()")
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[dict]:
+        stream = self.stream
+        done = 0
+        if self.training:
+            stream.check_resume_layout(self.batch_size, self.num_workers)
+            if stream.samples_consumed >= stream.samples_per_rank > 0:
+                stream.set_epoch(stream.epoch + 1)
+            done = stream.batches_consumed(self.batch_size)
+            stream.samples_consumed = done * self.batch_size  # snap to the batch boundary we resume from
+        dataset = _Batches(stream, self.batch_size, self.max_words, self.training, self.seed, done)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
+        base = dict(stream.counters)
+        latest: dict[int, dict] = {}
+        for batch in loader:
+            latest[batch.pop("_slot")] = batch.pop("_counters")
+            stream.counters = {k: base.get(k, 0) + sum(d.get(k, 0) for d in latest.values())
+                               for k in set(base) | {k for d in latest.values() for k in d}}
+            size = batch.pop("_raw_size")
+            if self.training:
+                stream.samples_consumed += size
+            yield batch
+
+
+def build_loader(stream: ShardStream, *, batch_size: int, max_words: int, num_workers: int, training: bool,
+                 seed: int) -> StreamLoader:
+    """DataLoader over ``stream`` with exact, batch-granular resume via ``stream.state_dict()``."""
+    return StreamLoader(stream, batch_size=batch_size, max_words=max_words, num_workers=num_workers,
+                        training=training, seed=seed)

@@ -1,0 +1,135 @@
+"""Pack-time video work with PyAV: probe a video (is it decodable, how long, how many frames)
+and optionally transcode it to a small, seek-friendly H.264 mp4."""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable
+
+import av
+import numpy as np
+
+from shards.sample import Quarantined, VideoSample
+
+
+@dataclass(frozen=True)
+class Transcode:
+    """Re-encode videos at pack time: short side in pixels, frame rate, keyframe interval."""
+
+    short_side: int = 256
+    fps: int = 8
+    gop: int = 8
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ProbeInfo:
+    duration: float
+    fps: float
+    num_frames: int
+    width: int
+    height: int
+
+
+def encode_h264(frames: Iterable[np.ndarray], out, fps: int, width: int, height: int, gop: int = 8) -> None:
+    """Encode uint8 ``[H, W, 3]`` RGB frames to an H.264/yuv420p mp4 at ``out`` (path or binary
+    file object). Frame ``i`` gets pts ``i`` in time base ``1/fps``; no B-frames and a fixed GOP,
+    so decoders can seek cheaply and timestamps are monotonic."""
+    if width % 2 or height % 2:
+        raise ValueError(f"H.264 yuv420p needs even dimensions, got {width}x{height}")
+    with av.open(out, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, fps)
+        stream.options = {
+            "preset": "veryfast",
+            "threads": "1",  # clips are tiny: per-clip thread start-up costs more than it saves
+            "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0",
+        }
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts = i
+            frame.time_base = Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def probe_video(data: bytes | Path) -> ProbeInfo:
+    """Open, decode the first frame, and count frames by demuxing (no full decode).
+    Raises ``ValueError``/``av.FFmpegError`` when the video is unusable."""
+    src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else str(data)
+    with av.open(src) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        first = next(container.decode(stream), None)
+        if first is None:
+            raise ValueError("no decodable frame")
+        width, height = first.width, first.height
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        container.seek(0)
+        num_frames = sum(1 for p in container.demux(stream) if p.size > 0)
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        else:
+            duration = num_frames / fps if fps else 0.0
+    if num_frames == 0:
+        raise ValueError("zero frames")
+    if fps <= 0:
+        fps = num_frames / duration if duration > 0 else 1.0
+    return ProbeInfo(duration=duration, fps=fps, num_frames=num_frames, width=width, height=height)
+
+
+def transcode_video(path: Path, spec: Transcode) -> bytes:
+    """Resample to ``spec.fps`` (nearest earlier frame by timestamp), scale the short side to
+    ``spec.short_side`` (even dimensions), re-encode with ``encode_h264``."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        first = None
+        frames: list[np.ndarray] = []
+        next_t = 0.0
+        for frame in container.decode(stream):
+            t = float(frame.time) if frame.time is not None else len(frames) / spec.fps
+            if first is None:
+                first = frame
+                h, w = frame.height, frame.width
+                scale = spec.short_side / min(h, w)
+                out_w, out_h = max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2)
+            while t + 1e-6 >= next_t:
+                frames.append(frame.reformat(width=out_w, height=out_h, format="rgb24").to_ndarray())
+                next_t = len(frames) / spec.fps
+    if not frames:
+        raise ValueError("no decodable frame")
+    buf = io.BytesIO()
+    encode_h264(frames, buf, fps=spec.fps, width=out_w, height=out_h, gop=spec.gop)
+    return buf.getvalue()
+
+
+def prepare_sample(sample: VideoSample, transcode: Transcode | None = None) -> tuple[dict, bytes] | Quarantined:
+    """Everything pack time needs for one sample: ``(json meta, mp4 bytes)`` or the reason it
+    cannot be packed. Runs in a worker process, so it must never raise."""
+    path = sample.video_path
+    try:
+        if not path.is_file():
+            return Quarantined(str(path), "video missing", sample.video_id)
+        data = transcode_video(path, transcode) if transcode else path.read_bytes()
+        info = probe_video(data)
+    except Exception as exn:  # noqa: BLE001 - any decoder failure means "unusable video"
+        return Quarantined(str(path), "unreadable video", sample.video_id, {"error": f"{type(exn).__name__}: {exn}"})
+    if sample.start is not None and info.duration > 0 and sample.start >= info.duration:
+        return Quarantined(
+            str(path), "clip window outside video", sample.video_id,
+            {"start": sample.start, "end": sample.end, "duration": info.duration},
+        )
+    meta = sample.meta()
+    meta.update(duration=info.duration, fps=info.fps, num_frames=info.num_frames)
+    return meta, data

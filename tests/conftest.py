@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny synthetic corpus, its packed shards, a real H.264 clip writer and
+helpers that make bad inputs (truncated tar, corrupt mp4 bytes, zero-frame video)."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from shards.probe import encode_h264  # noqa: E402
+
+TINY_CORPUS = dict(n_train=24, n_test=12, seed=0, size=32, fps=8, seconds=2.0, captions_per_video=2)
+
+
+def make_clip(path: Path, frames: int = 16, size: int = 32, fps: int = 8) -> Path:
+    """A real H.264 mp4: a bright bar sweeping left to right, so frames differ from each other."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    video = np.full((frames, size, size, 3), 40, dtype=np.uint8)
+    for t in range(frames):
+        x = int(t * (size - 4) / max(1, frames - 1))
+        video[t, :, x : x + 4] = 230
+    encode_h264(video, str(path), fps=fps, width=size, height=size, gop=fps)
+    return path
+
+
+def truncate_file(src: Path, dst: Path, fraction: float = 0.5) -> Path:
+    """Copy the first ``fraction`` of ``src`` (a tar cut mid-member, as after a failed copy)."""
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[: int(len(data) * fraction)])
+    return Path(dst)
+
+
+def corrupt_mp4_bytes(data: bytes) -> bytes:
+    """Same length, but the container header and the start of the stream are garbage."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=len(data), dtype=np.uint8).tobytes()
+
+
+def write_zero_frame_video(path: Path, size: int = 32) -> Path:
+    """A valid mp4 container with an H.264 stream that holds no frames."""
+    import av
+
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        container.start_encoding()  # header and trailer only: no frame is ever encoded
+        for packet in stream.encode():
+            container.mux(packet)
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def clip_maker():
+    """``make_clip(path, frames=16, size=32, fps=8) -> Path``."""
+    return make_clip
+
+
+@pytest.fixture(scope="session")
+def bad_inputs():
+    return SimpleNamespace(truncate_file=truncate_file, corrupt_mp4_bytes=corrupt_mp4_bytes,
+                           write_zero_frame_video=write_zero_frame_video)
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus(tmp_path_factory) -> Path:
+    """24 train / 12 test clips, 32 px, 2 s at 8 fps; ``train.jsonl`` / ``test.jsonl`` inside."""
+    from shards.synthetic import generate_synthetic_corpus
+
+    return generate_synthetic_corpus(tmp_path_factory.mktemp("synthetic_corpus"), **TINY_CORPUS)
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(synthetic_corpus, tmp_path_factory) -> Path:
+    """The tiny corpus packed (train in >= 3 uneven shards, test in >= 2); returns the shard dir."""
+    from shards.manifest import ManifestCorpus
+    from shards.writer import pack_split
+
+    out = tmp_path_factory.mktemp("synthetic_shards")
+    shard_bytes = 60 * 1024  # train: 4 shards of 7, 7, 7, 3 samples; test: 2 shards
+    for split in ("train", "test"):
+        corpus = ManifestCorpus(synthetic_corpus / f"{split}.jsonl", corpus="synthetic")
+        pack_split(corpus.samples(split), out, split, shard_bytes=shard_bytes, progress=False)
+    return out
+
+
+@pytest.fixture
+def shard_copy(synthetic_shards, tmp_path) -> Path:
+    """A private copy of the packed shards that a test may damage."""
+    dst = tmp_path / "shards"
+    shutil.copytree(synthetic_shards, dst)
+    return dst

@@ -1,0 +1,84 @@
+"""Frame index sampling, in-memory decord decoding, CLIP preprocessing and caption tokens."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shards.decode import CLIP_MEAN, CLIP_STD, ClipTransform, decode_frames, sample_frame_indices
+from shards.tokenize import CaptionTokenizer
+
+
+def test_indices_one_fps_then_linspace() -> None:
+    # 10 s at 30 fps, 1 fps sampling -> one frame per second
+    idx = sample_frame_indices(300, 30.0, max_frames=12)
+    assert idx.tolist() == [0, 30, 60, 90, 120, 150, 180, 210, 240, 270]
+    # 100 s: 100 candidates thinned uniformly to 12, first and last kept
+    idx = sample_frame_indices(3000, 30.0, max_frames=12)
+    assert len(idx) == 12 and idx[0] == 0 and idx[-1] == 2970
+    assert np.all(np.diff(idx) > 0)
+
+
+def test_indices_window_and_never_empty() -> None:
+    idx = sample_frame_indices(300, 30.0, max_frames=12, start=2.0, end=5.0)
+    assert idx.tolist() == [60, 90, 120]
+    # window shorter than one sampling step, and a window past the end: still one frame
+    assert sample_frame_indices(300, 30.0, 12, start=4.2, end=4.3).tolist() == [126]
+    assert sample_frame_indices(300, 30.0, 12, start=50.0, end=60.0).tolist() == [299]
+    assert sample_frame_indices(1, 8.0, 12).tolist() == [0]
+    assert sample_frame_indices(16, 8.0, 12, sample_fps=4.0).tolist() == [0, 2, 4, 6, 8, 10, 12, 14]
+    with pytest.raises(ValueError, match="no frames"):
+        sample_frame_indices(0, 8.0, 12)
+
+
+def test_decode_frames_from_bytes(clip_maker, tmp_path) -> None:
+    data = clip_maker(tmp_path / "bar.mp4", frames=16, size=32).read_bytes()
+    seen = []
+
+    def indices(n: int, fps: float) -> np.ndarray:
+        seen.append((n, fps))
+        return np.array([0, 15, 99])  # 99 is past the end: clipped to the last frame
+
+    frames = decode_frames(data, indices)
+    assert seen == [(16, 8.0)]
+    assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8
+    # the bright bar sits at the left in frame 0 and at the right in frame 15
+    col = frames[:, 16].mean(axis=(-1))  # [T, W] brightness across a row
+    assert col[0, :4].mean() > 150 and col[0, -4:].mean() < 100
+    assert col[1, -4:].mean() > 150 and col[1, :4].mean() < 100
+    np.testing.assert_array_equal(frames[1], frames[2])
+
+
+def test_clip_transform_shapes_mask_and_normalisation() -> None:
+    frames = np.zeros((3, 48, 64, 3), dtype=np.uint8)
+    frames[..., 0] = 255  # pure red
+    video, mask = ClipTransform(32)(frames, max_frames=5)
+    assert video.shape == (5, 3, 32, 32) and video.dtype == torch.float32
+    assert mask.tolist() == [True, True, True, False, False]
+    assert torch.all(video[3:] == 0)
+    expected = [(1 - CLIP_MEAN[0]) / CLIP_STD[0], -CLIP_MEAN[1] / CLIP_STD[1], -CLIP_MEAN[2] / CLIP_STD[2]]
+    torch.testing.assert_close(video[:3].mean(dim=(0, 2, 3)), torch.tensor(expected), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="max_frames"):
+        ClipTransform(32)(frames, max_frames=2)
+
+
+def test_clip_transform_centre_crops_the_long_side() -> None:
+    frames = np.zeros((1, 32, 96, 3), dtype=np.uint8)
+    frames[:, :, 32:64] = 255  # white centre third, black sides
+    video, _ = ClipTransform(32)(frames)
+    white = (1 - CLIP_MEAN[0]) / CLIP_STD[0]
+    assert video.shape == (1, 3, 32, 32)
+    assert abs(video[0, 0, :, 8:24].mean().item() - white) < 1e-3  # the crop is the white centre
+
+
+def test_tokenizer_pads_truncates_and_keeps_eot() -> None:
+    tok = CaptionTokenizer(max_words=8)
+    ids, mask = tok(["a red square", "one two three four five six seven eight nine ten", ""])
+    assert ids.shape == mask.shape == (3, 8) and ids.dtype == torch.long and mask.dtype == torch.bool
+    assert ids[0, 0] == tok.sot_id and ids[0, 4] == tok.eot_id and ids[0, 5:].tolist() == [0, 0, 0]
+    assert mask[0].tolist() == [True] * 5 + [False] * 3
+    assert ids[1, 0] == tok.sot_id and ids[1, -1] == tok.eot_id and mask[1].all()
+    assert (ids[1] == tok.eot_id).sum() == 1
+    assert ids[2, :2].tolist() == [tok.sot_id, tok.eot_id] and mask[2].sum() == 2
+    with pytest.raises(TypeError, match="list"):
+        tok("a bare string")

@@ -1,0 +1,187 @@
+"""Streaming: deterministic shuffle, equal per-rank lengths, exact resume, damaged data."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from shards.index import sha256_file
+from shards.loader import build_loader, pick_caption
+from shards.stream import ShardStream
+from shards.tokenize import CaptionTokenizer
+
+SMALL = dict(max_frames=2, image_size=16)
+
+
+def stream(shard_dir: Path, split: str = "train", **kw) -> ShardStream:
+    kw.setdefault("training", True)
+    kw.setdefault("shuffle_buffer", 8)
+    return ShardStream(shard_dir, split, **SMALL, **kw)
+
+
+def keys_of(batches) -> list[list[str]]:
+    return [b["key"] for b in batches]
+
+
+def manifest_ids(corpus: Path, split: str) -> list[str]:
+    return [json.loads(line)["video_id"] for line in (corpus / f"{split}.jsonl").read_text().splitlines()]
+
+
+def test_shuffle_is_deterministic_per_seed_and_epoch(synthetic_corpus, synthetic_shards) -> None:
+    s = stream(synthetic_shards)
+    first = [x["key"] for x in s]
+    s.set_epoch(0)
+    assert [x["key"] for x in s] == first
+    assert sorted(first) == sorted(manifest_ids(synthetic_corpus, "train"))  # a permutation: one rank, 1 worker
+    s.set_epoch(1)
+    second = [x["key"] for x in s]
+    assert second != first and sorted(second) == sorted(first)
+    assert [x["key"] for x in stream(synthetic_shards, seed=1)] != first
+    # eval keeps file order
+    assert [x["key"] for x in stream(synthetic_shards, training=False)] == manifest_ids(synthetic_corpus, "train")
+
+
+def test_sample_fields(synthetic_shards) -> None:
+    x = next(iter(ShardStream(synthetic_shards, "test", max_frames=3, image_size=16, training=False)))
+    assert x["frames"].shape == (3, 3, 16, 16) and x["frames"].dtype == torch.float32
+    assert x["frame_mask"].tolist() == [True, True, False]  # 2 s at 1 fps -> 2 real frames
+    assert x["key"] == x["video_id"] == "test00000" and len(x["captions"]) == 2
+    assert x["meta"]["num_frames"] == 16 and x["meta"]["split"] == "test"
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_two_ranks_yield_equal_counts_with_uneven_shards(synthetic_shards, num_workers) -> None:
+    ranks = [stream(synthetic_shards, rank=r, world_size=2) for r in range(2)]
+    data_sizes = set()
+    for epoch in range(3):
+        per_rank = []
+        for s in ranks:
+            s.set_epoch(epoch)
+            names, _ = s.plan(0, 1)
+            data_sizes.add(sum(s.shard_sizes[n] for n in names))
+            batches = list(build_loader(s, batch_size=5, max_words=8, num_workers=num_workers, training=True, seed=0))
+            assert [len(b["key"]) for b in batches] == [5, 5, 2]
+            per_rank.append(sum(keys_of(batches), []))
+        assert len(per_rank[0]) == len(per_rank[1]) == 12
+    assert len(data_sizes) > 1  # some epoch gave the ranks 14 vs 10 samples: one cycled, one stopped early
+
+
+def test_eval_covers_every_sample_once_across_ranks_and_workers(synthetic_corpus, synthetic_shards) -> None:
+    for split, world in (("train", 3), ("test", 3)):  # test has 2 shards: fewer than ranks x workers
+        seen = []
+        for r in range(world):
+            s = stream(synthetic_shards, split, training=False, rank=r, world_size=world)
+            got = sum(keys_of(build_loader(s, batch_size=4, max_words=8, num_workers=2, training=False, seed=0)), [])
+            assert len(got) == s.samples_this_rank()
+            seen += got
+        assert sorted(seen) == sorted(manifest_ids(synthetic_corpus, split))
+
+
+def test_fewer_shards_than_consumers_training(synthetic_shards) -> None:
+    lengths, slices = [], []
+    for r in range(3):
+        s = stream(synthetic_shards, "test", rank=r, world_size=3)  # 2 shards, 3 ranks, 2 workers each
+        got = sum(keys_of(build_loader(s, batch_size=3, max_words=8, num_workers=2, training=True, seed=0)), [])
+        lengths.append(len(got))
+        # a rank reads every 3rd sample; its first worker owns 3 of the 4 batch slots but holds 2 of
+        # the 4 samples, so it reads its part again (the price of batch-exact resume)
+        assert len(set(got)) >= 3
+        slices.append(set(got))
+    assert lengths == [4, 4, 4]
+    assert sum(len(x) for x in slices) == len(set().union(*slices))  # ranks never share a sample
+
+
+def test_resume_in_process_is_sample_exact(synthetic_shards) -> None:
+    full = [x["key"] for x in stream(synthetic_shards, seed=3)]
+    s = stream(synthetic_shards, seed=3)
+    it = iter(s)
+    head = [next(it)["key"] for _ in range(7)]
+    state = s.state_dict()
+    assert state["samples_consumed"] == 7 and state["epoch"] == 0 and state["seed"] == 3
+    resumed = stream(synthetic_shards, seed=3)
+    resumed.load_state_dict(state)
+    assert head + [x["key"] for x in resumed] == full
+    with pytest.raises(ValueError, match="seed"):
+        stream(synthetic_shards, seed=4).load_state_dict(state)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_with_loader_is_batch_exact(synthetic_shards, num_workers) -> None:
+    def loader(s):
+        return build_loader(s, batch_size=3, max_words=8, num_workers=num_workers, training=True, seed=5)
+
+    s = stream(synthetic_shards, rank=1, world_size=2, seed=5)
+    s.set_epoch(2)
+    full = list(loader(s))
+    assert len(full) == 4 and s.state_dict()["samples_consumed"] == 12
+    s.set_epoch(2)
+    it = iter(loader(s))
+    head = [next(it) for _ in range(3)]
+    state = s.state_dict()
+    del it
+    assert state["samples_consumed"] == 9 and state["epoch"] == 2
+    resumed = stream(synthetic_shards, rank=1, world_size=2, seed=5)
+    resumed.load_state_dict(state)
+    rest = list(loader(resumed))
+    assert keys_of(head + rest) == keys_of(full)
+    for a, b in zip(head + rest, full):
+        assert torch.equal(a["text"], b["text"]) and torch.equal(a["video"], b["video"])
+    # iterating a finished epoch again moves on to the next one instead of yielding nothing
+    again = list(loader(resumed))
+    assert resumed.epoch == 3 and len(again) == 4 and keys_of(again) != keys_of(full)
+
+
+def test_loader_batches_and_caption_choice(synthetic_shards) -> None:
+    s = stream(synthetic_shards, seed=2)
+    s.set_epoch(4)
+    loader = build_loader(s, batch_size=5, max_words=12, num_workers=0, training=True, seed=2)
+    assert len(loader) == math.ceil(24 / 5)
+    batch = next(iter(loader))
+    assert batch["video"].shape == (5, 2, 3, 16, 16) and batch["video_mask"].shape == (5, 2)
+    assert batch["video_mask"].dtype == torch.bool and batch["video_mask"].all()
+    assert batch["text"].shape == batch["text_mask"].shape == (5, 12) and batch["text"].dtype == torch.long
+    chosen = [caps[pick_caption(caps, 2, 4, key)] for caps, key in zip(batch["captions"], batch["key"])]
+    ids, mask = CaptionTokenizer(12)(chosen)
+    assert torch.equal(batch["text"], ids) and torch.equal(batch["text_mask"], mask)
+    picks = {pick_caption(["a", "b"], 2, e, "train00000") for e in range(16)}
+    assert picks == {0, 1}  # the choice varies with the epoch
+    eval_batch = next(iter(build_loader(stream(synthetic_shards, training=False), batch_size=4, max_words=12,
+                                        num_workers=0, training=False, seed=0)))
+    assert "text" not in eval_batch and len(eval_batch["captions"]) == 4
+
+
+def test_corrupt_shard_is_skipped_and_counted(synthetic_corpus, shard_copy, bad_inputs) -> None:
+    victim = shard_copy / "train-000001.tar"
+    bad_inputs.truncate_file(victim, victim, 0.5)
+    s = stream(shard_copy, training=False)
+    got = [b["key"] for b in build_loader(s, batch_size=4, max_words=8, num_workers=2, training=False, seed=0)]
+    got = sum(got, [])
+    assert s.counters["corrupt_shard"] == 1
+    ids = manifest_ids(synthetic_corpus, "train")
+    assert 17 <= len(got) < 24 and set(ids[:7] + ids[14:]) <= set(got)
+    # training keeps its quota (the damaged shard's worker cycles) and does not crash
+    t = stream(shard_copy)
+    assert len([x["key"] for x in t]) == 24 and t.counters["corrupt_shard"] >= 1
+
+
+def test_undecodable_mp4_is_skipped_and_counted(tmp_path, clip_maker, bad_inputs) -> None:
+    good = clip_maker(tmp_path / "g.mp4").read_bytes()
+    meta = {"video_id": "v", "captions": ["c"], "split": "train", "corpus": "t", "start": None, "end": None,
+            "duration": 2.0, "fps": 8.0, "num_frames": 16}
+    shard = tmp_path / "train-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i, mp4 in enumerate([good, bad_inputs.corrupt_mp4_bytes(good), good]):
+            sink.write({"__key__": f"k{i}", "mp4": mp4, "json": json.dumps({**meta, "video_id": f"v{i}"}).encode()})
+    index = {"split": "train", "corpus": "t", "total_samples": 3, "created": "", "transcode": None,
+             "shards": [{"name": shard.name, "samples": 3, "bytes": shard.stat().st_size, "sha256": sha256_file(shard)}]}
+    (tmp_path / "train.index.json").write_text(json.dumps(index))
+    s = stream(tmp_path, training=False)
+    assert [x["key"] for x in s] == ["k0", "k2"] and s.counters["decode_error"] == 1
+    t = stream(tmp_path, shuffle_buffer=0)
+    batches = list(build_loader(t, batch_size=3, max_words=8, num_workers=0, training=True, seed=0))
+    assert [b["key"] for b in batches] == [["k0", "k2"]]  # a short batch, not a shifted epoch
+    assert t.state_dict()["samples_consumed"] == 3 and t.counters["decode_error"] == 1
