@@ -82,7 +82,7 @@ class ConConfig:
     epochs: int = 5
     max_steps: int = 0  # 0 = epochs decide
     lr: float = 1e-4
-    clip_lr_coef: float = 1e-3  # CLIP parameters learn at lr * clip_lr_coef
+    clip_lr_coef: float = 1e-3  # CLIP parameters learn at lr * clip_lr_coef (pretrained weights only)
     weight_decay: float = 0.2
     warmup_ratio: float = 0.1
     log_every: int = 10

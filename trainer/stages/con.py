@@ -51,6 +51,7 @@ class ContrastiveTask(nn.Module):
 
 
 def param_groups(encoder: RetrievalEncoder, lr: float, clip_lr_coef: float) -> list[dict]:
+    """CLIP at lr * clip_lr_coef (fine-tuning pretrained weights gently), the rest at lr."""
     return [
         {"params": encoder.clip_parameters(), "lr": lr * clip_lr_coef, "name": "clip"},
         {"params": encoder.new_parameters(), "lr": lr, "name": "new"},
@@ -82,7 +83,10 @@ def train_con(ctx, encoder: RetrievalEncoder) -> Path:
     loader = train_loader(cfg.data, cfg.model, ctx.dist, cfg.run.seed)
     steps_per_epoch = len(loader)
     total = con.max_steps or con.epochs * steps_per_epoch
-    engine = build_engine(ContrastiveTask(encoder), param_groups(encoder, con.lr, con.clip_lr_coef), cfg.deepspeed,
+    # The small CLIP learning rate protects pretrained weights; a randomly initialised CLIP
+    # (model.weights unset: tests, the synthetic job) must learn at the full rate.
+    clip_coef = con.clip_lr_coef if cfg.model.weights else 1.0
+    engine = build_engine(ContrastiveTask(encoder), param_groups(encoder, con.lr, clip_coef), cfg.deepspeed,
                           micro_batch=cfg.data.batch_size, total_steps=total, warmup_ratio=con.warmup_ratio,
                           weight_decay=con.weight_decay)
     dtype, step, timer = engine_dtype(engine), 0, StepTimer()

@@ -1,0 +1,125 @@
+"""The model library on tiny random CLIPs: shapes, masking, weight loading, generator."""
+import dataclasses
+
+import pytest
+import torch
+
+from trainer.config import ModelConfig
+from trainer.models import build_clip, build_encoder, build_generators, encode_words
+
+TINY = ModelConfig(name="tiny", embed_dim=32, image_size=32, patch_size=16, vision_width=32, vision_layers=1,
+                   vision_head_width=16, text_width=32, text_layers=2, text_heads=2, quick_gelu=False,
+                   temporal_layers=2, weight_mlp_hidden=16)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return build_encoder(TINY, max_frames=4).eval()
+
+
+def test_word_features_at_eot_equal_clips_sentence_feature(encoder):
+    ids = torch.randint(1, 1000, (3, 10))
+    ids[:, -1] = 49407  # <eot>
+    full = torch.zeros(3, 77, dtype=torch.long)
+    full[:, :10] = ids
+    words = encode_words(encoder.clip, ids)
+    torch.testing.assert_close(words[:, -1], encoder.clip.encode_text(full), atol=1e-5, rtol=1e-5)
+
+
+def test_padded_frames_do_not_change_real_frame_features(encoder):
+    video = torch.randn(1, 4, 3, 32, 32)
+    mask = torch.tensor([[True, True, False, False]])
+    a = encoder.encode_video(video, mask)
+    video2 = video.clone()
+    video2[:, 2:] = torch.randn(1, 2, 3, 32, 32)  # different content in the padding
+    b = encoder.encode_video(video2, mask)
+    torch.testing.assert_close(a.frames[:, :2], b.frames[:, :2])
+    assert torch.all(a.weights[:, 2:] == 0) and torch.allclose(a.weights.sum(-1), torch.ones(1))
+
+
+def test_text_weights_are_a_softmax_over_real_words(encoder):
+    ids = torch.randint(1, 1000, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    t = encoder.encode_text(ids, mask)
+    assert torch.all(t.weights[0, 3:] == 0)
+    torch.testing.assert_close(t.weights.sum(-1), torch.ones(2))
+    torch.testing.assert_close(t.words.norm(dim=-1), torch.ones(2, 6))
+
+
+def test_patch_embedding_frozen_and_clip_in_its_own_lr_group(encoder):
+    assert not encoder.clip.visual.conv1.weight.requires_grad
+    clip_ids = {id(p) for p in encoder.clip_parameters()}
+    new = encoder.new_parameters()
+    assert new and not clip_ids & {id(p) for p in new}
+    assert id(encoder.logit_scale) in {id(p) for p in new}
+
+
+def test_open_clip_state_dict_round_trip(tmp_path):
+    torch.manual_seed(1)
+    clip = build_clip(TINY)
+    path = tmp_path / "clip.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in clip.state_dict().items()}}, path)
+    loaded = build_clip(dataclasses.replace(TINY, weights=str(path)))
+    image = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.encode_image(image), clip.encode_image(image))
+
+
+def test_weights_that_do_not_fit_are_refused_with_the_fix(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(build_clip(dataclasses.replace(TINY, vision_width=64)).state_dict(), path)
+    with pytest.raises(ValueError, match="does not fit"):
+        build_clip(dataclasses.replace(TINY, weights=str(path)))
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        build_clip(dataclasses.replace(TINY, weights=str(tmp_path / "missing.pt")))
+
+
+@pytest.mark.slow
+def test_clip_b32_architecture_loads_a_saved_state_dict(tmp_path):
+    cfg = ModelConfig(name="clip_b32")  # the dataclass defaults are ViT-B/32
+    torch.manual_seed(0)
+    clip = build_clip(cfg).eval()
+    path = tmp_path / "b32.pt"
+    torch.save(clip.state_dict(), path)
+    loaded = build_clip(dataclasses.replace(cfg, weights=str(path))).eval()
+    image = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(image), clip.encode_image(image))
+
+
+def test_generator_shapes_and_parameter_count():
+    gens = build_generators(TINY)
+    b, k, f, d = 3, 5, 4, TINY.embed_dim
+    mask = torch.ones(b, k, f, dtype=torch.bool)
+    mask[:, :, -1] = False
+    x_t, steps = torch.randn(b, k), torch.tensor([0, 3, 7])
+    assert gens.t2v(torch.randn(b, d), torch.randn(b, k, f, d), mask, x_t, steps).shape == (b, k)
+    assert gens.v2t(torch.randn(b, f, d), mask[:, 0], torch.randn(b, k, d), x_t, steps).shape == (b, k)
+    # method.md: about 2.6 M parameters per direction at d = 512
+    assert 2.5e6 < build_generators(ModelConfig(embed_dim=512)).num_parameters()["t2v"] < 2.7e6
+
+
+def test_generator_is_permutation_equivariant_over_candidates():
+    torch.manual_seed(0)
+    gens = build_generators(TINY).eval()
+    b, k, f, d = 2, 6, 3, TINY.embed_dim
+    text, frames = torch.randn(b, d), torch.randn(b, k, f, d)
+    mask = torch.ones(b, k, f, dtype=torch.bool)
+    x_t, steps = torch.randn(b, k), torch.tensor([1, 2])
+    perm = torch.randperm(k)
+    out = gens.t2v(text, frames, mask, x_t, steps)
+    out_perm = gens.t2v(text, frames[:, perm], mask[:, perm], x_t[:, perm], steps)
+    torch.testing.assert_close(out[:, perm], out_perm, atol=1e-5, rtol=1e-5)
+
+
+def test_generator_masking_renormalises_over_real_frames():
+    from trainer.models.generator import attend_frames
+
+    q = torch.randn(2, 8, dtype=torch.float64)
+    frames = torch.randn(2, 4, 8, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    got = attend_frames(q, frames, mask, tau=1.0)
+    for i in range(2):
+        real = frames[i, mask[i]]
+        w = torch.softmax(real @ q[i], dim=0)
+        torch.testing.assert_close(got[i], w @ real)
