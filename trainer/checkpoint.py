@@ -1,18 +1,173 @@
-"""Checkpoints of a run directory.
+"""Checkpoints of a run directory, written so that a preempted run comes back exactly.
 
-``<run_dir>/checkpoints/<stage>/`` holds DeepSpeed engine checkpoints (module, optimizer, schedule,
-our client state); ``<run_dir>/<stage>.pt`` is the stage's exported fp32 weights plus the model
-config needed to rebuild them, which is what stage gen, eval.py and the registry load.
+``<run_dir>/checkpoints/<stage>/<tag>/`` holds a DeepSpeed engine checkpoint (module, optimizer,
+LR schedule, loss scaler) plus our client state (stream position, step, samples seen, MLflow run
+id) and each rank's RNG states. A tag counts only once its ``COMPLETE`` marker exists, and
+``latest`` is replaced atomically after that, so a crash mid-write never corrupts what resume
+finds. ``<run_dir>/<stage>.pt`` is the stage's exported fp32 weights plus the model config needed
+to rebuild them: what stage gen, eval.py and the registry load.
 """
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 EXPORT_FORMAT = 1
+MARKER = "COMPLETE"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class ResumePoint:
+    stage: str
+    tag_dir: Path
+    marker: dict
+
+    @property
+    def finished(self) -> bool:
+        """The stage ran to its end (the next stage starts fresh)."""
+        return bool(self.marker.get("finished"))
+
+
+def complete_tags(stage_dir: Path) -> list[Path]:
+    tags = [p for p in stage_dir.glob("step*") if (p / MARKER).is_file()] if stage_dir.is_dir() else []
+    return sorted(tags, key=lambda p: p.name)
+
+
+def find_resume_point(resume: str, run_dir: Path, shape_key: dict) -> ResumePoint | None:
+    """``none`` -> None; ``auto`` -> the newest complete checkpoint of the run dir (gen after con);
+    a path -> that tag dir. Refuses a checkpoint whose model/data shapes differ from this config."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        for stage in ("gen", "con"):
+            tags = complete_tags(run_dir / "checkpoints" / stage)
+            if tags:
+                point = ResumePoint(stage, tags[-1], json.loads((tags[-1] / MARKER).read_text()))
+                break
+        else:
+            return None  # nothing to resume: a fresh run
+    else:
+        tag = Path(resume)
+        if not (tag / MARKER).is_file():
+            raise FileNotFoundError(f"run.resume={resume}: not a complete streamret checkpoint (no {MARKER} "
+                                    "marker); use run.resume=auto or a <run_dir>/checkpoints/<stage>/step* dir")
+        point = ResumePoint(tag.parent.name, tag, json.loads((tag / MARKER).read_text()))
+    saved = point.marker.get("shapes", {})
+    changed = {k: (saved.get(k), v) for k, v in shape_key.items() if saved.get(k) != v}
+    if changed:
+        detail = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in changed.items())
+        raise ValueError(f"cannot resume from {point.tag_dir}: shapes changed ({detail}); resume with the "
+                         "config the run was started with, or start a new run.dir")
+    return point
+
+
+class CheckpointManager:
+    """Save/restore one stage's engine + client state; keep the last ``keep_last`` complete tags."""
+
+    def __init__(self, run_dir: Path, stage: str, keep_last: int, shapes: dict):
+        self.dir = run_dir / "checkpoints" / stage
+        self.stage, self.keep_last, self.shapes = stage, max(1, keep_last), shapes
+
+    def save(self, engine, step: int, client_state: dict, *, finished: bool = False) -> Path:
+        tag = f"step{step:08d}"
+        tag_dir = self.dir / tag
+        if (tag_dir / MARKER).is_file():
+            return tag_dir  # this step is already saved (e.g. SIGTERM right after a periodic save)
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), tag_dir / f"rng_rank{engine.global_rank}.pt")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's files are on disk before the marker
+        if engine.global_rank == 0:
+            marker = {"stage": self.stage, "step": step, "finished": finished, "shapes": self.shapes,
+                      "mlflow_run_id": client_state.get("mlflow_run_id")}
+            _atomic_write(tag_dir / MARKER, json.dumps(marker, indent=2))
+            _atomic_write(self.dir / "latest", tag)
+            self._prune(keep=tag_dir)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return tag_dir
+
+    def _prune(self, keep: Path) -> None:
+        complete = complete_tags(self.dir)
+        for old in complete[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for partial in self.dir.glob("step*"):  # torn writes of a crashed save
+            if partial != keep and not (partial / MARKER).is_file():
+                shutil.rmtree(partial, ignore_errors=True)
+
+    def restore(self, engine, point: ResumePoint) -> dict:
+        """Load engine state from ``point``; returns our client state; restores this rank's RNG."""
+        _, client = engine.load_checkpoint(str(point.tag_dir.parent), tag=point.tag_dir.name,
+                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load {point.tag_dir}")
+        rng_file = point.tag_dir / f"rng_rank{engine.global_rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return client
+
+
+class GracefulStop:
+    """SIGTERM/SIGINT ask the loop to finish its step, checkpoint and exit 0 (preemption)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "GracefulStop":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        """True on every rank as soon as one rank was signalled."""
+        flag = torch.tensor([int(self.requested)])
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Preempted(SystemExit):
+    """Raised after the checkpoint on SIGTERM/SIGINT: the process exits 0 and resumes later."""
+
+    def __init__(self, step: int):
+        super().__init__(0)
+        self.step = step
 
 
 def fp32_state_dict(engine, save_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -29,15 +184,12 @@ def fp32_state_dict(engine, save_dir: Path, tag: str) -> dict[str, torch.Tensor]
     return {k: v.float() if v.is_floating_point() else v for k, v in engine.module.state_dict().items()}
 
 
-def save_stage(engine, run_dir: Path, stage: str, step: int, client_state: dict, export: dict) -> Path:
-    """Engine checkpoint + exported weights. ``export`` holds the metadata to rebuild the model."""
-    save_dir = run_dir / "checkpoints" / stage
-    tag = f"step{step:08d}"
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state)
-    path = run_dir / f"{stage}.pt"
+def export_stage(engine, manager: CheckpointManager, tag_dir: Path, run_dir: Path, export: dict) -> Path:
+    """``<run_dir>/<stage>.pt``: fp32 weights + what is needed to rebuild the model."""
+    path = run_dir / f"{manager.stage}.pt"
     if engine.global_rank == 0:
-        payload = dict(export, format=EXPORT_FORMAT, stage=stage, step=step,
-                       state_dict=fp32_state_dict(engine, save_dir, tag))
+        payload = dict(export, format=EXPORT_FORMAT, stage=manager.stage,
+                       state_dict=fp32_state_dict(engine, tag_dir.parent, tag_dir.name))
         tmp = path.with_suffix(".pt.tmp")
         torch.save(payload, tmp)
         os.replace(tmp, path)  # a crash mid-write never leaves a torn file under the real name

@@ -71,6 +71,7 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
 
     _register_schema()
     GlobalHydra.instance().clear()
@@ -80,9 +81,9 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
         _check_declared(cfg, RootConfig, "")
         _absolutize_paths(cfg)
         OmegaConf.resolve(cfg)
-    except (HydraException, OmegaConfBaseException) as err:
+    except (HydraException, OmegaConfBaseException, YAMLError) as err:
         cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
-        first = str(cause).strip().splitlines()[0]
+        first = " ".join(str(cause).split())[:300]
         raise ConfigError(
             f"config error: {first} (overrides: {' '.join(overrides) or 'none'}). Keys are "
             "declared in trainer/config.py and conf/; group options are the files in conf/<group>/"

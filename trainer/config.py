@@ -31,6 +31,7 @@ class PackConfig:
     transcode_fps: float = 0.0
     transcode_gop: int = 0
     verify: bool = False
+    force: bool = False  # re-pack splits that already have shards
 
 
 @dataclass
@@ -104,7 +105,6 @@ class GenConfig:
     schedule: str = "cosine"  # cosine | linear
     loss: str = "kl"  # kl | mse
     kl_scale: float = 100.0
-    cache_features: bool = True  # encode the train split once; no video decoding during gen
     log_every: int = 10
 
 
@@ -121,6 +121,10 @@ class EvalConfig:
     rerank_alpha: float = 1.0
     ddim_steps: int = 0  # 0 = all gen.timesteps
     block: int = 256  # similarity block (rows) during evaluation
+    dual_softmax_temperature: float = 100.0
+    qb_bank: int = 1000  # training captions in the QB-Norm querybank (0 = skip QB-Norm)
+    qb_k: int = 1
+    qb_beta: float = 20.0
 
 
 @dataclass
@@ -138,6 +142,8 @@ class TrackingConfig:
     experiment: str = "streamret"
     run_name: str = ""
     registered_model: str = "streamret"
+    champion_metric: str = "t2v_R1"  # alias `champion` moves only when a new version beats it on this
+    register: bool = True  # register each finished run's model in the MLflow registry
     system_metrics: bool = False
     flush_every_s: float = 5.0
 
@@ -145,6 +151,13 @@ class TrackingConfig:
 @dataclass
 class LauncherConfig:
     name: str = "local"  # local | deepspeed | ray
+    # launcher=ray only (trainer/ray_launcher.py):
+    address: str = ""  # Ray cluster; "" = RAY_ADDRESS / the job's cluster / a new local one
+    num_workers: int = 2  # Ray Train workers = ranks
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    decode_actors: int = 1  # Ray Data actors decoding clips for the train split
+    storage_path: str = ""  # Ray Train run storage; "" = <run.dir>/ray
 
 
 @dataclass
@@ -154,6 +167,9 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
+    resume: str = "none"  # none | auto (newest complete checkpoint of run.dir) | <checkpoint dir>
+    checkpoint_every: int = 0  # steps; 0 = only at the end of each stage (and on SIGTERM/SIGINT)
+    keep_last: int = 2  # complete checkpoints kept per stage
 
 
 @dataclass

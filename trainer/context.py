@@ -27,6 +27,7 @@ class RunContext:
     dist: DistInfo
     run_dir: Path
     tracker: object  # trainer.tracking.MetricsLogger (no-op off rank 0)
+    shapes: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed
     history: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
 
     def log(self, stage: str, metrics: dict[str, float], step: int) -> None:
@@ -34,6 +35,16 @@ class RunContext:
         self.tracker.log_metrics(named, step=step)
         if "loss" in metrics:
             self.history[f"{stage} loss"].append((step, float(metrics["loss"])))
+
+
+SHAPE_KEYS = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers", "text_width",
+              "text_layers", "temporal_layers", "weight_mlp_hidden")
+
+
+def shape_key(cfg: RootConfig) -> dict:
+    """The config values that fix tensor shapes; resuming with different ones is refused."""
+    shapes = {k: getattr(cfg.model, k) for k in SHAPE_KEYS}
+    return dict(shapes, max_frames=cfg.data.max_frames, max_words=cfg.data.max_words)
 
 
 class StepTimer:

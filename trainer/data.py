@@ -7,15 +7,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from shards.index import ShardsNotFound, index_path, read_index, verify_split
-from shards.loader import StreamLoader, build_loader
 from shards.manifest import ManifestCorpus
 from shards.probe import Transcode
-from shards.stream import ShardStream
 from shards.synthetic import generate_synthetic_corpus
 from shards.writer import PackReport, pack_split
 from trainer.config import DataConfig, ModelConfig
 from trainer.distributed import DistInfo
+
+if TYPE_CHECKING:  # the stream pulls in torch, decord and open_clip: packing does not need them
+    from shards.loader import StreamLoader
 
 
 def corpus_records(data: DataConfig, split: str):
@@ -48,7 +51,7 @@ def pack_corpus(data: DataConfig, splits: list[str], *, progress: bool, force: b
     """Pack each split that has no shards yet (all of them with ``force``)."""
     reports = []
     for split in splits:
-        if not force and index_path(Path(data.shards), split).is_file():
+        if not (force or data.pack.force) and index_path(Path(data.shards), split).is_file():
             continue
         reports.append(pack_split(corpus_records(data, split), Path(data.shards), split,
                                   shard_bytes=data.pack.shard_mb * 2**20, workers=data.pack.workers,
@@ -71,7 +74,14 @@ def ensure_shards(data: DataConfig, *, progress: bool) -> list[PackReport]:
     return []
 
 
-def train_loader(data: DataConfig, model: ModelConfig, dist: DistInfo, seed: int) -> StreamLoader:
+def train_loader(data: DataConfig, model: ModelConfig, dist: DistInfo, seed: int) -> "StreamLoader":
+    if dist.launcher == "ray":  # a Ray Train worker: its split of the driver's Ray Data pipeline
+        from trainer.ray_launcher import ray_train_loader
+
+        return ray_train_loader(data, model, dist, seed)
+    from shards.loader import build_loader
+    from shards.stream import ShardStream
+
     stream = ShardStream(Path(data.shards), data.train_split, max_frames=data.max_frames,
                          image_size=model.image_size, sample_fps=data.sample_fps, training=True, seed=seed,
                          shuffle_buffer=data.shuffle_buffer, rank=dist.rank, world_size=dist.world_size)
@@ -79,8 +89,11 @@ def train_loader(data: DataConfig, model: ModelConfig, dist: DistInfo, seed: int
                         num_workers=data.num_workers, training=True, seed=seed)
 
 
-def eval_loader(data: DataConfig, model: ModelConfig, split: str) -> StreamLoader:
+def eval_loader(data: DataConfig, model: ModelConfig, split: str) -> "StreamLoader":
     """Every sample of ``split`` exactly once, in file order (evaluation runs on rank 0)."""
+    from shards.loader import build_loader
+    from shards.stream import ShardStream
+
     stream = ShardStream(Path(data.shards), split, max_frames=data.max_frames, image_size=model.image_size,
                          sample_fps=data.sample_fps, training=False)
     return build_loader(stream, batch_size=data.eval_batch_size, max_words=data.max_words,

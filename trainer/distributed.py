@@ -16,6 +16,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    launcher: str = "local"  # local | deepspeed | ray: where train batches come from (trainer/data.py)
 
     @property
     def is_main(self) -> bool:
@@ -37,14 +38,34 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+LAUNCHER_ENV = "STREAMRET_LAUNCHER"  # set by trainer/ray_launcher.py in each Ray Train worker
+SHM_COMM_ENV = "STREAMRET_DS_SHM_COMM"  # "1": let DeepSpeed build its CPU shared-memory comm op
+
+
+def _skip_shm_comm_op() -> None:
+    """On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op when its comm backend starts
+    (a minute or more, in a cache that concurrent builds with other flags keep invalidating).
+    Only ``inference_all_reduce`` uses it; training collectives go through gloo either way, so it
+    is marked unavailable (DeepSpeed's documented-by-comment hook: edits to the probed dict persist)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (its engine needs a process group even with
-    one rank). A single process with no launcher gets a private loopback rendezvous."""
+    one rank). A single process with no launcher gets a private loopback rendezvous; a group that
+    is already up (Ray Train's workers get one from ``TorchTrainer``) is adopted as it is."""
     if os.environ.get("DS_ACCELERATOR") is None and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported
     import deepspeed
 
-    if "RANK" not in os.environ:
+    adopted = torch.distributed.is_initialized()
+    if adopted:
+        # DeepSpeed reads these from the environment; keep them consistent with the live group.
+        os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
+        os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
+    elif "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -53,9 +74,16 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
     dev = pick_device(device, local_rank)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, dev)
+    if adopted and torch.distributed.get_backend() != backend:
+        raise RuntimeError(f"the process group is already initialised with backend {torch.distributed.get_backend()!r} "
+                           f"but deepspeed.backend resolves to {backend!r}; set deepspeed.backend="
+                           f"{torch.distributed.get_backend()} or let the launcher pick the same one")
+    if dev.type == "cpu" and os.environ.get(SHM_COMM_ENV) != "1":
+        _skip_shm_comm_op()
+    # With a live group DeepSpeed only wraps it in deepspeed.comm (the engine needs that).
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    launcher = os.environ.get(LAUNCHER_ENV) or ("deepspeed" if int(os.environ["WORLD_SIZE"]) > 1 else "local")
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, dev, launcher)
 
 
 def barrier() -> None:

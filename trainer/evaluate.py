@@ -17,6 +17,7 @@ class Evaluation:
 
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     ranks: dict[str, torch.Tensor] = field(default_factory=dict)
+    sim: torch.Tensor | None = None  # stage-1 similarity [Nt, Nv], what re-ranking starts from
 
     def add(self, variant: str, t2v_sim: torch.Tensor, v2t_sim: torch.Tensor, text_to_video: torch.Tensor) -> None:
         """t2v_sim [Nt, Nv] and v2t_sim [Nt, Nv] (texts x videos both; they differ after re-ranking)."""
@@ -57,16 +58,19 @@ def rerank(sim: torch.Tensor, bank: FeatureBank, generators: Generators, abar: t
 
 
 @torch.no_grad()
-def evaluate(encoder: RetrievalEncoder, bank: FeatureBank, *, block: int, generators: Generators | None = None,
-             abar: torch.Tensor | None = None, topk: int = 32, alpha: float = 1.0, steps: int = 0,
-             seed: int = 0) -> Evaluation:
-    """Variants: ``con`` (stage-1 WTI similarity) and, with a generator, ``gen_rerank``."""
-    sim = similarity_matrix(encoder, bank, block)
+def evaluate_con(encoder: RetrievalEncoder, bank: FeatureBank, block: int) -> Evaluation:
+    """Variant ``con``: the stage-1 WTI similarity of every caption against every video."""
     result = Evaluation()
-    result.add("con", sim, sim, bank.text_to_video)
-    if generators is not None:
-        generators.eval()
-        t2v, v2t = rerank(sim, bank, generators, abar, topk=topk, alpha=alpha,
-                          steps=steps or abar.shape[0], seed=seed)
-        result.add("gen_rerank", t2v, v2t, bank.text_to_video)
+    result.sim = similarity_matrix(encoder, bank, block)
+    result.add("con", result.sim, result.sim, bank.text_to_video)
     return result
+
+
+@torch.no_grad()
+def evaluate_rerank(result: Evaluation, bank: FeatureBank, generators: Generators, abar: torch.Tensor, *,
+                    topk: int, alpha: float, steps: int, seed: int) -> None:
+    """Variant ``gen_rerank``: the generator re-ranks each query's top K of the stage-1 similarity."""
+    generators.eval()
+    t2v, v2t = rerank(result.sim, bank, generators, abar, topk=topk, alpha=alpha,
+                      steps=steps or abar.shape[0], seed=seed)
+    result.add("gen_rerank", t2v, v2t, bank.text_to_video)

@@ -9,17 +9,17 @@ from trainer.plots import plot_loss_curves, plot_rank_histograms, plot_recall_cu
 from trainer.report import summary_table, write_metrics_json
 
 
-def eval_metric_names(result: Evaluation) -> dict[str, float]:
+def log_evaluation(ctx, result: Evaluation, variant: str, step: int) -> None:
     """MLflow-legal names: ``eval/<variant>/<direction>_<metric>``, e.g. ``eval/con/t2v_R1``."""
-    return {f"eval/{variant}/{direction}_{name}": value
-            for variant, by_dir in result.metrics.items()
-            for direction, metrics in by_dir.items()
-            for name, value in metrics.items()}
+    ctx.tracker.log_metrics({f"eval/{variant}/{direction}_{name}": value
+                             for direction, metrics in result.metrics[variant].items()
+                             for name, value in metrics.items()}, step=step)
+    t2v = result.metrics[variant]["t2v"]
+    print(f"eval {variant}: t2v R@1 {t2v['R1']:.1f} R@5 {t2v['R5']:.1f} R@10 {t2v['R10']:.1f} MdR {t2v['MdR']:.1f}")
 
 
 def write_outputs(ctx, result: Evaluation, elapsed_s: float) -> None:
     cfg, run_dir, tracker = ctx.cfg, ctx.run_dir, ctx.tracker
-    tracker.log_metrics(eval_metric_names(result), step=0)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     made = [
@@ -32,7 +32,7 @@ def write_outputs(ctx, result: Evaluation, elapsed_s: float) -> None:
     payload = {
         "run": cfg.run.name,
         "mlflow_run_id": tracker.run_id,
-        "tracking_uri": cfg.tracking.uri,
+        "tracking_uri": tracker.uri or cfg.tracking.uri,
         "corpus": cfg.data.corpus,
         "test_split": cfg.data.test_split,
         "stages": list(cfg.stage.run),
@@ -48,5 +48,5 @@ def write_outputs(ctx, result: Evaluation, elapsed_s: float) -> None:
         tracker.log_artifact(path, artifact_path="plots")
     print(f"\n{cfg.run.name}: {cfg.data.corpus} {cfg.data.test_split}, stages {'+'.join(cfg.stage.run)}, "
           f"{elapsed_s / 60:.1f} min\n{summary_table(result.metrics)}\n"
-          f"metrics: {metrics_path}\nplots:   {plots}\nMLflow run {tracker.run_id} at {cfg.tracking.uri} "
-          f"(mlflow ui --backend-store-uri {cfg.tracking.uri})")
+          f"metrics: {metrics_path}\nplots:   {plots}\nMLflow run {tracker.run_id} at {tracker.uri} "
+          f"(mlflow ui --backend-store-uri {tracker.uri})")

@@ -11,15 +11,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shards.tokenize import CaptionTokenizer
-from trainer.checkpoint import load_export, load_into
+from trainer.checkpoint import find_resume_point, load_export, load_into
 from trainer.config import RootConfig
-from trainer.context import RunContext, seed_everything
+from trainer.context import RunContext, seed_everything, shape_key
 from trainer.data import ensure_shards, eval_loader
 from trainer.distributed import barrier, init_distributed
-from trainer.evaluate import Evaluation, evaluate
+from trainer.evaluate import Evaluation, evaluate_con, evaluate_rerank
 from trainer.features import encode_split
 from trainer.models import build_encoder
-from trainer.outputs import write_outputs
+from trainer.outputs import log_evaluation, write_outputs
 from trainer.stages.con import train_con
 from trainer.stages.gen import train_gen
 from trainer.tracking import MetricsLogger, flatten_params
@@ -35,15 +35,19 @@ def train(dcfg: DictConfig) -> Evaluation:
         ensure_shards(cfg.data, progress=cfg.run.progress)  # the synthetic corpus is made on first use
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
+    resume = find_resume_point(cfg.run.resume, run_dir, shape_key(cfg))
     tracker = MetricsLogger(cfg.tracking.uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.run.name,
-                            rank=dist.rank, flush_every_s=cfg.tracking.flush_every_s,
-                            system_metrics=cfg.tracking.system_metrics)
-    ctx = RunContext(cfg, dist, run_dir, tracker)
+                            run_id=resume.marker.get("mlflow_run_id") if resume else None, rank=dist.rank,
+                            flush_every_s=cfg.tracking.flush_every_s, system_metrics=cfg.tracking.system_metrics)
+    ctx = RunContext(cfg, dist, run_dir, tracker, shapes=shape_key(cfg))
     with tracker:
         tracker.log_params(flatten_params(OmegaConf.to_container(dcfg, resolve=True)))
         encoder = build_encoder(cfg.model, cfg.data.max_frames).to(dist.device)
-        if "con" in cfg.stage.run:
-            con_path = train_con(ctx, encoder)
+        con_done = resume is not None and (resume.stage == "gen" or resume.finished)
+        if "con" in cfg.stage.run and not con_done:
+            con_path = train_con(ctx, encoder, resume if resume and resume.stage == "con" else None)
+        elif "con" in cfg.stage.run:
+            con_path = run_dir / "con.pt"
         else:
             con_path = Path(cfg.stage.gen.init) if cfg.stage.gen.init else run_dir / "con.pt"
         # DeepSpeed cast the module to bf16 in place; reload the exact fp32 weights, frozen from here.
@@ -51,20 +55,37 @@ def train(dcfg: DictConfig) -> Evaluation:
         encoder.requires_grad_(False).eval()
 
         tokenizer = CaptionTokenizer(cfg.data.max_words)
-        test_bank = None
-        if dist.is_main:
+        result, generators = Evaluation(), None
+        if dist.is_main:  # evaluation runs on rank 0; the others wait at the barrier
             test_bank = encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.test_split), tokenizer,
                                      dist.device, torch.float32, "encode test", cfg.run.progress)
-        result = Evaluation()
-        generators = abar = None
+            result = evaluate_con(encoder, test_bank, cfg.eval.block)
+            log_evaluation(ctx, result, "con", step=0)
         if "gen" in cfg.stage.run:
             train_bank = encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.train_split), tokenizer,
                                       dist.device, torch.float32, "cache train features", cfg.run.progress)
-            generators, abar = train_gen(ctx, encoder, train_bank)
+            generators, abar = train_gen(ctx, encoder, train_bank,
+                                         resume if resume and resume.stage == "gen" and not resume.finished else None)
+            if dist.is_main:
+                e = cfg.eval
+                evaluate_rerank(result, test_bank, generators, abar, topk=e.rerank_topk, alpha=e.rerank_alpha,
+                                steps=e.ddim_steps, seed=cfg.run.seed)
+                log_evaluation(ctx, result, "gen_rerank", step=0)
         if dist.is_main:
-            e = cfg.eval
-            result = evaluate(encoder, test_bank, block=e.block, generators=generators, abar=abar,
-                              topk=e.rerank_topk, alpha=e.rerank_alpha, steps=e.ddim_steps, seed=cfg.run.seed)
             write_outputs(ctx, result, time.time() - started)
+            if cfg.tracking.register and tracker.run_id:
+                register(ctx, result, "gen" if generators is not None else "con", con_path)
         barrier()
     return result
+
+
+def register(ctx: RunContext, result: Evaluation, stage: str, con_path: Path) -> None:
+    """The finished model into the MLflow registry; alias ``champion`` moves only on improvement."""
+    from trainer.registry import register_stage
+
+    cfg = ctx.cfg
+    version = register_stage(ctx.tracker.uri, ctx.tracker.run_id, ctx.run_dir, stage, result.metrics,
+                             name=cfg.tracking.registered_model, champion_metric=cfg.tracking.champion_metric,
+                             con_path=con_path, corpus=cfg.data.corpus)
+    print(f"registered {version.name} v{version.version} ({version.metric} {version.value:.2f}); champion: "
+          f"v{version.champion_version}{' (promoted)' if version.promoted else ''}")

@@ -421,7 +421,12 @@ class MetricsLogger:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close("FINISHED" if exc_type is None else "FAILED")
+        if exc_type is None:
+            self.close("FINISHED")
+        elif issubclass(exc_type, SystemExit) and exc.code in (0, None):
+            self.close("KILLED")  # preempted after a checkpoint: resume=auto continues this run
+        else:
+            self.close("FAILED")
 
 
 def _sample_process_metrics() -> dict[str, float]:

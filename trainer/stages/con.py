@@ -11,6 +11,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ops import gather_with_grad
+from trainer.checkpoint import CheckpointManager, GracefulStop, Preempted, ResumePoint, export_stage
+from trainer.context import StepTimer
+from trainer.data import train_loader
+from trainer.engine import build_engine, engine_dtype, learning_rates
 from trainer.losses import contrastive_loss
 from trainer.models import RetrievalEncoder, TextFeatures, VideoFeatures
 
@@ -72,42 +76,52 @@ def contrastive_step(engine, batch: dict, dtype: torch.dtype, device: torch.devi
     return loss.item()
 
 
-def train_con(ctx, encoder: RetrievalEncoder) -> Path:
-    """The stage-con loop: stream batches, step the engine, log, checkpoint each epoch."""
-    from trainer.checkpoint import save_stage
-    from trainer.context import StepTimer
-    from trainer.data import train_loader
-    from trainer.engine import build_engine, engine_dtype, learning_rates
-
+def train_con(ctx, encoder: RetrievalEncoder, resume: ResumePoint | None = None) -> Path:
+    """The stage-con loop: stream batches, step the engine, log, checkpoint; resumable exactly."""
     cfg, con = ctx.cfg, ctx.cfg.stage.con
     loader = train_loader(cfg.data, cfg.model, ctx.dist, cfg.run.seed)
-    steps_per_epoch = len(loader)
-    total = con.max_steps or con.epochs * steps_per_epoch
+    total = con.max_steps or con.epochs * len(loader)
     # The small CLIP learning rate protects pretrained weights; a randomly initialised CLIP
     # (model.weights unset: tests, the synthetic job) must learn at the full rate.
     clip_coef = con.clip_lr_coef if cfg.model.weights else 1.0
     engine = build_engine(ContrastiveTask(encoder), param_groups(encoder, con.lr, clip_coef), cfg.deepspeed,
                           micro_batch=cfg.data.batch_size, total_steps=total, warmup_ratio=con.warmup_ratio,
                           weight_decay=con.weight_decay)
-    dtype, step, timer = engine_dtype(engine), 0, StepTimer()
-    progress = tqdm(total=total, desc="stage con", disable=not (cfg.run.progress and ctx.dist.is_main))
-    for epoch in range(con.epochs if not con.max_steps else 10**9):
-        loader.stream.set_epoch(epoch)
-        for batch in loader:
-            timer.data_ready()
-            loss = contrastive_step(engine, batch, dtype, ctx.dist.device)
-            step += 1
-            timer.step_done(len(batch["video_id"]) * ctx.dist.world_size)
-            progress.update()
-            progress.set_postfix(loss=f"{loss:.3f}", epoch=epoch)
-            if step % con.log_every == 0 or step == total:
-                ctx.log("con", {"loss": loss, "epoch": epoch, "logit_scale": encoder.scale().item(),
-                                **learning_rates(engine), **timer.read(),
-                                **{f"data_{k}": v for k, v in loader.stream.counters.items()}}, step)
-            if step >= total:
-                break
-        if step >= total:
-            break
+    ckpt = CheckpointManager(ctx.run_dir, "con", cfg.run.keep_last, ctx.shapes)
+    step = samples = 0
+    if resume is not None:
+        client = ckpt.restore(engine, resume)
+        step, samples = client["step"], client["samples_seen"]
+        loader.load_state_dict(client["stream"])
+
+    def state() -> dict:
+        return {"stream": loader.state_dict(), "step": step, "samples_seen": samples,
+                "mlflow_run_id": ctx.tracker.run_id}
+
+    dtype, timer = engine_dtype(engine), StepTimer()
+    progress = tqdm(total=total, initial=step, desc="stage con", disable=not (cfg.run.progress and ctx.dist.is_main))
+    with GracefulStop() as stop:
+        while step < total:
+            for batch in loader:  # the rest of the current epoch; the next pass starts the next epoch
+                timer.data_ready()
+                loss = contrastive_step(engine, batch, dtype, ctx.dist.device)
+                step, n = step + 1, len(batch["video_id"]) * ctx.dist.world_size
+                samples += n
+                timer.step_done(n)
+                progress.update()
+                progress.set_postfix(loss=f"{loss:.3f}", epoch=loader.stream.epoch)
+                if step % con.log_every == 0 or step == total:
+                    ctx.log("con", {"loss": loss, "epoch": loader.stream.epoch, "samples_seen": samples,
+                                    "logit_scale": encoder.scale().item(), **learning_rates(engine), **timer.read(),
+                                    **{f"data_{k}": v for k, v in loader.stream.counters.items()}}, step)
+                if step >= total:
+                    break
+                if stop.should_stop():
+                    ckpt.save(engine, step, state())
+                    raise Preempted(step)
+                if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+                    ckpt.save(engine, step, state())
     progress.close()
-    return save_stage(engine, ctx.run_dir, "con", step, {"stream": loader.state_dict(), "epoch": epoch},
-                      export={"model_config": asdict(cfg.model), "max_frames": cfg.data.max_frames})
+    tag_dir = ckpt.save(engine, step, state(), finished=True)
+    return export_stage(engine, ckpt, tag_dir, ctx.run_dir,
+                        export={"step": step, "model_config": asdict(cfg.model), "max_frames": cfg.data.max_frames})

@@ -1,7 +1,7 @@
 """Stage ``gen``: the diffusion generator learns to denoise the one-hot distribution over a
 candidate pool (the positive plus the hardest negatives by stage-1 similarity), encoders frozen.
 
-The frozen encoders' features are computed once (``stage.gen.cache_features``) so this stage
+The frozen encoders' features of the train split are computed once, so this stage
 never decodes video again.
 """
 from __future__ import annotations
@@ -13,9 +13,12 @@ from torch import nn
 from tqdm import tqdm
 
 from ops import cosine_alphas_cumprod, linear_alphas_cumprod, mine_candidate_pools, q_sample
+from trainer.checkpoint import CheckpointManager, GracefulStop, Preempted, ResumePoint, export_stage
+from trainer.context import StepTimer
+from trainer.engine import build_engine, learning_rates
 from trainer.features import FeatureBank
 from trainer.losses import diffusion_loss
-from trainer.models import Generators, RetrievalEncoder
+from trainer.models import Generators, RetrievalEncoder, build_generators
 
 
 def alphas_cumprod(schedule: str, timesteps: int) -> torch.Tensor:
@@ -88,31 +91,51 @@ def generation_step(engine, encoder: RetrievalEncoder, bank: FeatureBank, batch_
     return {"loss": loss.item(), **parts}
 
 
-def train_gen(ctx, encoder: RetrievalEncoder, bank: FeatureBank) -> tuple[Generators, torch.Tensor]:
+def train_gen(ctx, encoder: RetrievalEncoder, bank: FeatureBank,
+              resume: ResumePoint | None = None) -> tuple[Generators, torch.Tensor]:
     """The stage-gen loop over cached train features; returns the generators and the schedule."""
-    from trainer.checkpoint import save_stage
-    from trainer.context import StepTimer
-    from trainer.engine import build_engine, learning_rates
-    from trainer.models import build_generators
-
     cfg, gen = ctx.cfg, ctx.cfg.stage.gen
     generators = build_generators(cfg.model).to(ctx.dist.device)
     if ctx.dist.is_main:
         print(f"generator parameters: {generators.num_parameters()}")
     abar = alphas_cumprod(gen.schedule, gen.timesteps).to(ctx.dist.device)
-    steps_per_epoch = max(1, bank.num_videos // gen.batch_size)
-    total = gen.max_steps or gen.epochs * steps_per_epoch
-    task = GenerationTask(generators, abar, gen.loss, gen.kl_scale)
-    engine = build_engine(task, [{"params": list(generators.parameters()), "lr": gen.lr}], cfg.deepspeed,
+    total = gen.max_steps or gen.epochs * max(1, bank.num_videos // gen.batch_size)
+    engine = build_engine(GenerationTask(generators, abar, gen.loss, gen.kl_scale),
+                          [{"params": list(generators.parameters()), "lr": gen.lr}], cfg.deepspeed,
                           micro_batch=gen.batch_size, total_steps=total, warmup_ratio=gen.warmup_ratio,
                           weight_decay=gen.weight_decay)
+    ckpt = CheckpointManager(ctx.run_dir, "gen", cfg.run.keep_last, ctx.shapes)
     rng = torch.Generator().manual_seed(cfg.run.seed * 1000 + ctx.dist.rank)
+    step = 0
+    if resume is not None:
+        client = ckpt.restore(engine, resume)
+        step = client["step"]
+        rng.set_state(client["pair_rng"][ctx.dist.rank])
+
+    def state() -> dict:
+        states = [rng.get_state()]
+        if torch.distributed.is_initialized() and ctx.dist.world_size > 1:
+            states = [None] * ctx.dist.world_size
+            torch.distributed.all_gather_object(states, rng.get_state())
+        return {"step": step, "pair_rng": states, "mlflow_run_id": ctx.tracker.run_id}
+
     timer = StepTimer()
-    for step in tqdm(range(1, total + 1), desc="stage gen", disable=not (cfg.run.progress and ctx.dist.is_main)):
-        timer.data_ready()
-        metrics = generation_step(engine, encoder, bank, gen.batch_size, gen.pool_size, rng)
-        timer.step_done(min(gen.batch_size, bank.num_videos) * ctx.dist.world_size)
-        if step % gen.log_every == 0 or step == total:
-            ctx.log("gen", {**metrics, **learning_rates(engine), **timer.read()}, step)
-    save_stage(engine, ctx.run_dir, "gen", total, {}, export={"model_config": asdict(cfg.model)})
+    progress = tqdm(total=total, initial=step, desc="stage gen", disable=not (cfg.run.progress and ctx.dist.is_main))
+    with GracefulStop() as stop:
+        while step < total:
+            timer.data_ready()
+            metrics = generation_step(engine, encoder, bank, gen.batch_size, gen.pool_size, rng)
+            step += 1
+            timer.step_done(min(gen.batch_size, bank.num_videos) * ctx.dist.world_size)
+            progress.update()
+            if step % gen.log_every == 0 or step == total:
+                ctx.log("gen", {**metrics, **learning_rates(engine), **timer.read()}, step)
+            if step < total and stop.should_stop():
+                ckpt.save(engine, step, state())
+                raise Preempted(step)
+            if step < total and cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+                ckpt.save(engine, step, state())
+    progress.close()
+    tag_dir = ckpt.save(engine, step, state(), finished=True)
+    export_stage(engine, ckpt, tag_dir, ctx.run_dir, export={"step": step, "model_config": asdict(cfg.model)})
     return engine.module.generators, abar

@@ -1,0 +1,234 @@
+"""Decode benchmark: clips/s on the same shards for the reference decoder, raw decord and our pipeline.
+
+Corpus: ``--clips`` generated videos of ``--seconds`` s at ``--size`` and ``--fps`` with a LONG GOP
+(``--gop``, like camera / web uploads), a textured pan plus noise so the encoder writes real P-frames.
+They are packed twice: as-is, and with pack-time transcode (``Transcode(short_side, fps, gop)``).
+On each packing, one process each (torch and the decoders at one thread):
+
+(a) reference: OpenCV (``cv2.VideoCapture``) decodes EVERY frame and keeps one per 1/sample_fps s,
+    thinned to max_frames (decode only: no resize or normalisation, which flatters it);
+(b) limit: raw decord ``VideoReader`` + ``get_batch`` on exactly the indices our pipeline samples;
+(c) ours: ``ShardStream`` + ``build_loader`` (tar read, decode, CLIP transform, tokenise, batch)
+    with ``--workers`` DataLoader workers over ``--pipeline-clips`` clips (the shards re-read as a
+    training stream does); per core = clips/s / max(1, workers). Steady state excludes the time
+    to the first batch (worker start-up: imports, first shard open).
+
+Why transcode is the lever: sampling 1 fps inside a 250-frame GOP makes decord decode almost every
+frame up to each sampled one; after transcode every sampled frame is (near) a keyframe.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("decode", help="video decode throughput: OpenCV reference vs decord vs ShardStream")
+    p.add_argument("--clips", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--size", default="320x240", help="WIDTHxHEIGHT of the generated clips")
+    p.add_argument("--fps", type=int, default=25)
+    p.add_argument("--gop", type=int, default=250, help="keyframe interval of the generated clips")
+    p.add_argument("--transcode", default=None,
+                   help="pack-time transcode short_side,fps,gop (default: <image-size>,8,8)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for (c)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--pipeline-clips", type=int, default=48,
+                   help="clips (c) decodes, re-reading the shards as needed, so start-up is a small share")
+    p.add_argument("--max-frames", type=int, default=12)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--sample-fps", type=float, default=1.0)
+    p.add_argument("--work-dir", type=Path, default=None, help="corpus + shards (default: a temp dir, removed)")
+    p.add_argument("--quick", action="store_true", help="3 clips of 6 s: a smoke run")
+    return p
+
+
+# --- corpus --------------------------------------------------------------------------------------
+def _clip_frames(n: int, width: int, height: int, seed: int):
+    """A smooth random texture panning diagonally, plus light per-frame noise."""
+    rng = np.random.default_rng(seed)
+    tex = rng.integers(0, 256, size=(height // 8 + 64, width // 8 + 64, 3), dtype=np.uint8)
+    tex = np.kron(tex, np.ones((8, 8, 1), dtype=np.uint8))  # 8x8 blocks: detail the encoder must keep
+    for t in range(n):
+        y, x = (2 * t) % (tex.shape[0] - height), (3 * t) % (tex.shape[1] - width)
+        frame = tex[y : y + height, x : x + width].astype(np.int16)
+        frame += rng.integers(-6, 7, size=frame.shape, dtype=np.int16)
+        yield np.clip(frame, 0, 255).astype(np.uint8)
+
+
+def make_corpus(root: Path, args) -> Path:
+    from shards.probe import encode_h264
+
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(args.clips):
+        path = root / f"clip{i:03d}.mp4"
+        if not path.is_file():
+            encode_h264(_clip_frames(int(args.seconds * args.fps), width, height, i), str(path), fps=args.fps,
+                        width=width, height=height, gop=args.gop)
+        rows.append({"video": path.name, "caption": f"texture pan number {i}"})
+    (root / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "bench.jsonl"
+
+
+def pack(manifest: Path, out: Path, transcode, workers: int) -> float:
+    from shards.manifest import ManifestCorpus
+    from shards.writer import pack_split
+
+    t0 = time.perf_counter()
+    pack_split(ManifestCorpus(manifest, corpus="bench").samples("bench"), out, "bench", workers=workers,
+               transcode=transcode, progress=False)
+    return time.perf_counter() - t0
+
+
+# --- the three decoders --------------------------------------------------------------------------
+def _raw_samples(shard_dir: Path) -> list[dict]:
+    from shards.stream import ShardStream
+
+    stream = ShardStream(shard_dir, "bench", max_frames=1, image_size=8, training=False)
+    return list(stream.raw_samples(0, 1, 0, None))
+
+
+def _indices_fn(args, meta: dict) -> Callable[[int, float], np.ndarray]:
+    from shards.decode import sample_frame_indices
+
+    return lambda n, fps: sample_frame_indices(n, fps, args.max_frames, args.sample_fps, meta.get("start"),
+                                               meta.get("end"))
+
+
+def bench_opencv(raws: list[dict], args) -> dict:
+    import cv2
+
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for raw in raws:  # the reference reads video files from disk
+            paths.append(Path(tmp) / f"{raw['__key__']}.mp4")
+            paths[-1].write_bytes(raw["mp4"])
+        params = [cv2.CAP_PROP_N_THREADS, 1] if hasattr(cv2, "CAP_PROP_N_THREADS") else []
+        t0 = time.perf_counter()
+        decoded = 0
+        for path in paths:
+            cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, params)
+            fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+            step = max(1, round(fps / args.sample_fps))
+            kept, i = [], 0
+            while True:
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                decoded += 1
+                if i % step == 0:
+                    kept.append(frame)
+                i += 1
+            cap.release()
+            if not kept:
+                raise RuntimeError(f"OpenCV decoded no frame of {path}")
+            pick = np.linspace(0, len(kept) - 1, min(args.max_frames, len(kept))).round().astype(int)
+            np.stack([kept[j] for j in pick])
+        dt = time.perf_counter() - t0
+    return {"clips": len(raws), "seconds": dt, "clips_per_s": len(raws) / dt, "frames_decoded": decoded,
+            "per_core": len(raws) / dt}
+
+
+def bench_decord(raws: list[dict], args) -> dict:
+    import torch  # noqa: F401 - decord must be imported after torch
+
+    import decord
+
+    t0 = time.perf_counter()
+    for raw in raws:
+        reader = decord.VideoReader(io.BytesIO(raw["mp4"]), ctx=decord.cpu(0), num_threads=1)
+        idx = np.clip(_indices_fn(args, json.loads(raw["json"]))(len(reader), reader.get_avg_fps()), 0,
+                      len(reader) - 1)
+        reader.get_batch(idx.tolist()).asnumpy()
+    dt = time.perf_counter() - t0
+    return {"clips": len(raws), "seconds": dt, "clips_per_s": len(raws) / dt, "per_core": len(raws) / dt}
+
+
+def bench_pipeline(shard_dir: Path, args) -> dict:
+    from shards.loader import build_loader
+    from shards.stream import ShardStream
+
+    # A training stream re-reads its shards until it has yielded samples_per_rank samples.
+    stream = ShardStream(shard_dir, "bench", max_frames=args.max_frames, image_size=args.image_size,
+                         sample_fps=args.sample_fps, training=True, seed=0, shuffle_buffer=1,
+                         samples_per_rank=max(args.pipeline_clips, 4 * args.batch_size * max(1, args.workers)))
+    loader = build_loader(stream, batch_size=args.batch_size, max_words=32, num_workers=args.workers,
+                          training=True, seed=0)
+    t0 = time.perf_counter()
+    first_at, first_n, clips = None, 0, 0
+    for batch in loader:
+        clips += batch["video"].shape[0]
+        if first_at is None:
+            first_at, first_n = time.perf_counter(), clips
+    dt = time.perf_counter() - t0
+    steady_clips, steady_dt = clips - first_n, time.perf_counter() - (first_at or t0)
+    cores = max(1, args.workers)
+    steady = steady_clips / steady_dt if steady_clips and steady_dt > 0 else clips / dt
+    return {"clips": clips, "workers": args.workers, "seconds": dt, "clips_per_s": clips / dt,
+            "steady_clips_per_s": steady, "per_core": steady / cores, "first_batch_s": (first_at or t0) - t0,
+            "skipped": {k: v for k, v in stream.counters.items() if v}}
+
+
+# --- run -----------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from shards.probe import Transcode
+
+    torch.set_num_threads(1)  # per-core numbers: every measured process decodes on one thread
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.quick:
+        args.clips, args.seconds, args.pipeline_clips = 3, 6.0, 16
+    # Short side = the model's input size: the CLIP transform then only crops and normalises.
+    short_side, fps, gop = (int(v) for v in (args.transcode or f"{args.image_size},8,8").split(","))
+    transcode = Transcode(short_side=short_side, fps=fps, gop=gop)
+    with tempfile.TemporaryDirectory(prefix="decode-bench-") as tmp:
+        work = args.work_dir or Path(tmp)
+        t0 = time.perf_counter()
+        manifest = make_corpus(work / "videos", args)
+        generate_s = time.perf_counter() - t0
+        results: dict = {
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                       if k not in ("run", "out")},
+            "reference_decoder": "opencv " + __import__("cv2").__version__ + " (cv2.VideoCapture, every frame)",
+            "generate_s": generate_s,
+        }
+        for name, spec in (("original", None), ("transcoded", transcode)):
+            shard_dir = work / f"shards-{name}"
+            pack_s = pack(manifest, shard_dir, spec, workers=min(2, args.workers))
+            raws = _raw_samples(shard_dir)
+            a, b, c = bench_opencv(raws, args), bench_decord(raws, args), bench_pipeline(shard_dir, args)
+            results[name] = {
+                "pack_s": pack_s, "transcode": spec.to_json() if spec else None,
+                "mp4_mb": sum(len(r["mp4"]) for r in raws) / 2**20,
+                "opencv_every_frame": a, "decord_get_batch": b, "pipeline": c,
+                "pipeline_vs_opencv_per_core": c["per_core"] / a["per_core"],
+                "pipeline_vs_decord_per_core": c["per_core"] / b["per_core"],
+            }
+        orig, tc = results["original"], results["transcoded"]
+        results["transcoded_pipeline_vs_original_opencv_per_core"] = (
+            tc["pipeline"]["per_core"] / orig["opencv_every_frame"]["per_core"])
+    _print_table(results)
+    return results
+
+
+def _print_table(r: dict) -> None:
+    print(f"{'shards':<11} {'(a) opencv all':>15} {'(b) decord':>11} {'(c) ours/core':>14} {'c/a':>6} {'c/b':>6}")
+    for name in ("original", "transcoded"):
+        x = r[name]
+        print(f"{name:<11} {x['opencv_every_frame']['per_core']:>15.2f} {x['decord_get_batch']['per_core']:>11.2f} "
+              f"{x['pipeline']['per_core']:>14.2f} {x['pipeline_vs_opencv_per_core']:>6.2f} "
+              f"{x['pipeline_vs_decord_per_core']:>6.2f}")
+    print(f"clips/s per core; transcoded (c) vs original (a): "
+          f"{r['transcoded_pipeline_vs_original_opencv_per_core']:.2f}x")

@@ -1,0 +1,171 @@
+"""Evaluate a trained streamret model on a split's shards, every inference variant side by side.
+
+    python launch/eval.py --model models:/streamret@champion data.shards=data/msrvtt/shards \
+        tracking.uri=sqlite:///mlflow.db [--out eval.json] [eval.qb_bank=2000] [--mlflow]
+    python launch/eval.py model=runs/synthetic-tiny data.shards=...
+
+The model is not a Hydra key (``model=`` is Hydra's model-config group), so it is given as
+``--model X`` (or ``model=X`` when X is a ``models:/`` / ``runs:/`` URI or an existing path; a
+bare name like ``model=tiny`` stays the Hydra group). X is ``models:/<name>@<alias>``,
+``models:/<name>/<version>``, ``runs:/<run_id>/model_<stage>`` (resolved in ``tracking.uri``), a
+run directory or a ``con.pt`` path. Everything else is a Hydra override (``data.*``, ``eval.*``,
+``tracking.*``); the model's own architecture, frame count, caption length and sample rate come
+from the model, not from the config.
+
+Variants (rows of the table): ``con`` (stage-1 WTI similarity), ``gen_rerank`` (if the model has
+a generator), ``con_dual_softmax`` (t2v ranked on the t2v dual softmax, v2t on the v2t one) and
+``con_qb_norm`` (QB-Norm; querybank = the first ``eval.qb_bank`` captions and their videos of
+``data.train_split``, encoded by the same encoder; ``eval.qb_bank=0`` skips it; ``eval.qb_k``,
+``eval.qb_beta``, ``eval.dual_softmax_temperature`` are config keys).
+
+Flags: ``--model``, ``--out PATH`` (metrics JSON; default ``eval_metrics.json``), ``--mlflow`` (log
+the metrics and JSON as a new run in ``tracking.experiment``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from trainer.cli import ConfigError, compose
+
+USAGE = "usage: python launch/eval.py --model <models:/name@champion | run dir | con.pt> [flags] [overrides]"
+
+
+@dataclasses.dataclass
+class EvalArgs:
+    model: str
+    out: Path
+    mlflow: bool
+    overrides: list[str]
+
+
+def parse_args(argv: list[str]) -> EvalArgs:
+    from trainer.registry import pop_model_reference
+
+    try:
+        model, argv = pop_model_reference(argv)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--out", type=Path, default=Path("eval_metrics.json"))
+    parser.add_argument("--mlflow", action="store_true")
+    known, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("--")]
+    if stray:
+        raise ConfigError(f"unknown flag {stray[0]!r}; {USAGE} (flags: --out --mlflow)")
+    if not model:
+        raise ConfigError(f"no model given; {USAGE}")
+    return EvalArgs(model, known.out.resolve(), known.mlflow, rest)
+
+
+def limited(loader, max_captions: int):
+    """The loader's batches until ``max_captions`` captions were yielded (bounds querybank decoding)."""
+    seen = 0
+    for batch in loader:
+        yield batch
+        seen += sum(len(c) for c in batch["captions"])
+        if seen >= max_captions:
+            return
+
+
+def run_eval(args: EvalArgs, dcfg) -> dict:
+    import torch
+    from omegaconf import OmegaConf
+
+    from ops.inference import dual_softmax, qb_norm
+    from shards.index import read_index
+    from shards.tokenize import CaptionTokenizer
+    from trainer.data import eval_loader
+    from trainer.evaluate import evaluate_con, evaluate_rerank
+    from trainer.features import encode_split
+    from trainer.registry import load_bundle
+    from trainer.report import summary_table, write_metrics_json
+
+    cfg = OmegaConf.to_object(dcfg)
+    started = time.time()
+    device = torch.device("cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu")
+    bundle = load_bundle(args.model, tracking_uri=cfg.tracking.uri).to(device)
+    encoder, s = bundle.encoder, bundle.settings
+    # The model decides how inputs are shaped; the config only says where the data is.
+    data = dataclasses.replace(cfg.data, max_frames=bundle.max_frames, max_words=s.max_words, sample_fps=s.sample_fps)
+    read_index(Path(data.shards), data.test_split)  # ShardsNotFound names the fix
+    tokenizer = CaptionTokenizer(data.max_words)
+    bank = encode_split(encoder, eval_loader(data, bundle.model_config, data.test_split), tokenizer, device,
+                        torch.float32, f"encode {data.test_split}", cfg.run.progress)
+
+    e = cfg.eval
+    abar = bundle.alphas_cumprod().to(device) if bundle.generators is not None else None
+    result = evaluate_con(encoder, bank, e.block)
+    if bundle.generators is not None:
+        evaluate_rerank(result, bank, bundle.generators, abar, topk=e.rerank_topk, alpha=e.rerank_alpha,
+                        steps=e.ddim_steps, seed=cfg.run.seed)
+    sim = result.sim
+    t = e.dual_softmax_temperature
+    result.add("con_dual_softmax", dual_softmax(sim, t, "t2v"), dual_softmax(sim, t, "v2t"), bank.text_to_video)
+
+    qb_info = None
+    if e.qb_bank > 0:
+        read_index(Path(data.shards), data.train_split)
+        loader = limited(eval_loader(data, bundle.model_config, data.train_split), e.qb_bank)
+        qbank = encode_split(encoder, loader, tokenizer, device, torch.float32, "encode querybank", cfg.run.progress)
+        n_text = min(e.qb_bank, qbank.words.shape[0])
+        # t2v: bank captions x test videos; v2t: bank videos x test captions (the transposed problem).
+        bank_t2v = torch.cat([encoder.similarity(qbank.text(slice(i, min(i + e.block, n_text))), bank.video())
+                              for i in range(0, n_text, e.block)])
+        bank_v2t = encoder.similarity(bank.text(), qbank.video()).t()
+        k_t2v, k_v2t = min(e.qb_k, sim.shape[1]), min(e.qb_k, sim.shape[0])
+        t2v = qb_norm(sim, bank_t2v, k=k_t2v, beta=e.qb_beta)
+        v2t = qb_norm(sim.t(), bank_v2t, k=k_v2t, beta=e.qb_beta).t()
+        result.add("con_qb_norm", t2v, v2t, bank.text_to_video)
+        qb_info = {"captions": n_text, "videos": qbank.num_videos, "split": data.train_split, "k": e.qb_k,
+                   "beta": e.qb_beta}
+
+    elapsed = time.time() - started
+    payload = {"model": args.model, "source": bundle.source, "shards": data.shards, "split": data.test_split,
+               "num_videos": bank.num_videos, "num_captions": len(bank.captions), "querybank": qb_info,
+               "dual_softmax_temperature": t, "elapsed_s": round(elapsed, 1), "metrics": result.metrics}
+    out = write_metrics_json(args.out, payload)
+    print(f"\n{args.model}: {data.shards} {data.test_split} ({bank.num_videos} videos, {len(bank.captions)} captions), "
+          f"{elapsed:.1f} s\n{summary_table(result.metrics)}\nmetrics: {out}")
+    if args.mlflow:
+        log_to_mlflow(cfg, args, result, out)
+    return payload
+
+
+def eval_metric_names(metrics: dict) -> dict[str, float]:
+    """``eval/<variant>/<direction>_<metric>``, as training logs them (no '@' in MLflow names)."""
+    return {f"eval/{variant}/{direction}_{name}": value for variant, by_dir in metrics.items()
+            for direction, by_name in by_dir.items() for name, value in by_name.items()}
+
+
+def log_to_mlflow(cfg, args: EvalArgs, result, json_path: Path) -> None:
+    from trainer.tracking import MetricsLogger
+
+    tags = {"kind": "eval", "model": args.model, "split": cfg.data.test_split}
+    with MetricsLogger(cfg.tracking.uri, cfg.tracking.experiment, run_name=f"eval {args.model}", tags=tags) as tracker:
+        tracker.log_params({"model": args.model, "data.shards": cfg.data.shards, "qb_bank": e.qb_bank,
+                            "qb_k": e.qb_k, "qb_beta": e.qb_beta, "ds_temperature": e.dual_softmax_temperature})
+        tracker.log_metrics(eval_metric_names(result.metrics), step=0)
+        tracker.log_artifact(json_path)
+    print(f"MLflow run {tracker.run_id} at {cfg.tracking.uri}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        dcfg = compose(args.overrides)
+    except ConfigError as err:
+        print(err.message, file=sys.stderr)
+        return 2
+    from trainer.errors import user_errors
+
+    with user_errors():
+        run_eval(args, dcfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

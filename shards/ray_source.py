@@ -1,0 +1,199 @@
+"""The packed shards of a split as a Ray Data pipeline: read tars -> decode in an actor pool -> rows.
+
+Rows hold numpy columns ``video`` [T,3,S,S] float32, ``video_mask`` [T] bool, ``text`` /
+``text_mask`` [max_words] (one caption per sample, chosen by ``shards.loader.pick_caption``),
+``video_id``, ``key`` and ``captions`` (the sample's captions as a JSON list, so the column stays
+a flat string). ``iter_train_batches`` turns a Ray Train dataset shard back into the batch dict
+``shards.loader.StreamLoader`` yields, so the trainer does not care which source feeds it.
+
+Why not ``ray.data.read_webdataset``: a truncated or corrupt shard makes its read task raise,
+which fails the whole dataset. Here the shards listed in the index are read by a tolerant tar
+reader (the same member grouping as ``ShardStream``): a damaged shard yields the samples before
+the damage and is counted. Samples that cannot be decoded are dropped and counted too. Counts
+live in a small Ray actor (``skip_counts(dataset)``); a retried task may count twice.
+
+Shard paths must be readable from every node (local disk on one machine, shared storage on a
+cluster), as for ``read_webdataset`` on paths.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import webdataset as wds
+
+from shards.index import read_index
+
+log = logging.getLogger(__name__)
+
+DECODE_BATCH = 8  # samples per actor call: enough to amortise the call, small enough to stream
+SKIP_KINDS = ("corrupt_shard", "incomplete_sample", "decode_error")
+
+
+@ray.remote(num_cpus=0)
+class SkipCounter:
+    """Counts of what the pipeline dropped, by kind (``SKIP_KINDS``)."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(SKIP_KINDS, 0)
+
+    def add(self, kind: str, n: int = 1) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + n
+
+    def get(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def read_shard_samples(row: dict[str, Any], counter) -> Iterator[dict[str, Any]]:
+    """Raw samples (``key``, ``mp4`` bytes, ``meta`` JSON text) of the shard at ``row["path"]``."""
+    path = row["path"]
+    try:
+        with open(path, "rb") as f:
+            members = ({**m, "__url__": path} for m in wds.tariterators.tar_file_iterator(f))
+            for sample in wds.tariterators.group_by_keys(members):
+                if "mp4" not in sample or "json" not in sample:
+                    counter.add.remote("incomplete_sample")
+                    log.warning("%s: sample %s lacks its mp4 or json member; skipped", path, sample.get("__key__"))
+                    continue
+                yield {"key": sample["__key__"], "mp4": sample["mp4"], "meta": sample["json"].decode("utf-8")}
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
+        counter.add.remote("corrupt_shard")
+        log.warning("%s: unreadable shard (%s: %s); skipped the rest of it. Run verify_split on its directory and "
+                    "re-pack damaged shards", path, type(exn).__name__, exn)
+
+
+class DecodeClips:
+    """Actor body: decode the sampled frames, CLIP-preprocess (on the GPU when ``use_gpu``), tokenise."""
+
+    def __init__(self, *, max_frames: int, image_size: int, sample_fps: float, max_words: int, seed: int, epoch: int,
+                 use_gpu: bool, counter) -> None:
+        import torch
+
+        from shards.decode import ClipTransform
+        from shards.tokenize import CaptionTokenizer
+
+        self.max_frames, self.image_size, self.sample_fps = max_frames, image_size, sample_fps
+        self.seed, self.epoch, self.counter = seed, epoch, counter
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.transform = ClipTransform(image_size)
+        # ClipTransform normalises with its mean/std tensors: on the GPU the resize, crop and
+        # normalisation run there; only the final [T,3,S,S] comes back to host memory.
+        self.transform.mean = self.transform.mean.to(self.device)
+        self.transform.std = self.transform.std.to(self.device)
+        self.tokenizer = CaptionTokenizer(max_words)
+        self.max_words = max_words
+
+    def _frames(self, mp4: bytes, meta: dict) -> np.ndarray:
+        from shards.decode import decode_frames, sample_frame_indices
+
+        start, end = meta.get("start"), meta.get("end")
+        return decode_frames(mp4, lambda n, fps: sample_frame_indices(n, fps, self.max_frames, self.sample_fps,
+                                                                      start, end))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from shards.loader import pick_caption
+
+        videos, masks, chosen, ids, keys, captions = [], [], [], [], [], []
+        for key, mp4, meta_text in zip(batch["key"], batch["mp4"], batch["meta"]):
+            try:
+                meta = json.loads(meta_text)
+                frames = self._frames(bytes(mp4), meta)
+                video, mask = self.transform(torch.from_numpy(frames).to(self.device), self.max_frames)
+            except Exception as exn:  # noqa: BLE001 - decord raises its own DECORDError and friends
+                self.counter.add.remote("decode_error")
+                log.warning("cannot decode sample %s (%s: %s); skipped", key, type(exn).__name__, exn)
+                continue
+            videos.append(video.numpy())
+            masks.append(mask.numpy())
+            chosen.append(meta["captions"][pick_caption(meta["captions"], self.seed, self.epoch, str(key))])
+            ids.append(meta["video_id"])
+            keys.append(str(key))
+            captions.append(json.dumps(meta["captions"]))
+        s, t = self.image_size, self.max_frames
+        text, text_mask = self.tokenizer(chosen)
+        return {
+            "video": np.stack(videos) if videos else np.zeros((0, t, 3, s, s), np.float32),
+            "video_mask": np.stack(masks) if masks else np.zeros((0, t), bool),
+            "text": text.numpy(),
+            "text_mask": text_mask.numpy(),
+            "video_id": np.array(ids, dtype=object),
+            "key": np.array(keys, dtype=object),
+            "captions": np.array(captions, dtype=object),
+        }
+
+
+def ray_dataset(
+    shard_dir: Path,
+    split: str,
+    *,
+    max_frames: int,
+    image_size: int,
+    sample_fps: float,
+    max_words: int,
+    seed: int,
+    num_actors: int,
+    use_gpu: bool = False,
+    epoch: int = 0,
+) -> "ray.data.Dataset":
+    """The decoded samples of a packed split as a lazy ``ray.data.Dataset`` (see module doc).
+    ``epoch`` only changes which caption each sample trains on. Needs ``ray.init()`` first; the
+    cluster needs ``num_actors`` CPUs (GPUs with ``use_gpu``) for decoding plus one for reading."""
+    index = read_index(Path(shard_dir), split)  # raises ShardsNotFound with the fix
+    counter = SkipCounter.remote()
+    paths = [{"path": str(Path(shard_dir) / s["name"])} for s in index["shards"]]
+    dataset = (
+        ray.data.from_items(paths, override_num_blocks=len(paths))
+        .flat_map(read_shard_samples, fn_kwargs={"counter": counter})
+        .map_batches(
+            DecodeClips,
+            fn_constructor_kwargs=dict(max_frames=max_frames, image_size=image_size, sample_fps=sample_fps,
+                                       max_words=max_words, seed=seed, epoch=epoch, use_gpu=use_gpu, counter=counter),
+            batch_size=DECODE_BATCH,
+            batch_format="numpy",
+            concurrency=num_actors,
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=1,
+        )
+    )
+    dataset._streamret_skips = counter  # the Dataset is a plain object; transforms of it lose this
+    return dataset
+
+
+def skip_counts(dataset: "ray.data.Dataset") -> dict[str, int]:
+    """What a ``ray_dataset`` dropped so far, by kind (after it has been consumed)."""
+    counter = getattr(dataset, "_streamret_skips", None)
+    if counter is None:
+        raise ValueError("skip_counts takes the Dataset returned by shards.ray_source.ray_dataset itself; "
+                         "derived datasets (after .map, .random_shuffle, ...) do not carry its counter")
+    return ray.get(counter.get.remote())
+
+
+def to_train_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A numpy batch of ``ray_dataset`` rows -> the ``StreamLoader`` training batch dict."""
+    import torch
+
+    return {
+        "video": torch.as_tensor(batch["video"]),
+        "video_mask": torch.as_tensor(batch["video_mask"]),
+        "text": torch.as_tensor(batch["text"]),
+        "text_mask": torch.as_tensor(batch["text_mask"]),
+        "video_id": [str(v) for v in batch["video_id"]],
+        "key": [str(k) for k in batch["key"]],
+        "captions": [json.loads(c) for c in batch["captions"]],
+    }
+
+
+def iter_train_batches(dataset_shard, batch_size: int, *, drop_last: bool = False,
+                       local_shuffle_buffer_size: int | None = None) -> Iterator[dict[str, Any]]:
+    """Batches of a Ray Train dataset shard (``ray.train.get_dataset_shard(name)``, or any Dataset)
+    in the ``StreamLoader`` layout: ``video``, ``video_mask``, ``text``, ``text_mask`` tensors and
+    ``video_id``, ``key``, ``captions`` lists."""
+    yield from dataset_shard.iter_torch_batches(batch_size=batch_size, collate_fn=to_train_batch, drop_last=drop_last,
+                                                local_shuffle_buffer_size=local_shuffle_buffer_size)

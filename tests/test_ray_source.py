@@ -1,0 +1,94 @@
+"""`shards.ray_source` on a real local Ray cluster: the same samples as ShardStream, damage skipped."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import pytest
+import webdataset as wds
+
+ray = pytest.importorskip("ray")
+
+from shards.index import read_index  # noqa: E402
+from shards.ray_source import iter_train_batches, ray_dataset, skip_counts  # noqa: E402
+from shards.stream import ShardStream  # noqa: E402
+from shards.tokenize import CaptionTokenizer  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+OPTS = dict(max_frames=4, image_size=16, sample_fps=1.0, max_words=12, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    # Unix socket paths are limited to ~107 bytes: pytest's tmp paths are too long for Ray's sockets.
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp_dir,
+             log_to_driver=False, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stream_keys(shard_dir, split) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """(key -> captions, skip counters) as the DataLoader path (ShardStream, eval order) decodes them."""
+    stream = ShardStream(shard_dir, split, training=False, max_frames=OPTS["max_frames"],
+                         image_size=OPTS["image_size"], sample_fps=OPTS["sample_fps"])
+    return {s["key"]: s["captions"] for s in stream}, stream.counters
+
+
+def test_rows_match_index_shapes_and_captions(ray_cluster, synthetic_shards) -> None:
+    ds = ray_dataset(synthetic_shards, "train", num_actors=2, **OPTS)
+    decoded = ds.materialize()  # one execution serves both the row checks and the batches
+    rows = decoded.take_all()
+    total = read_index(synthetic_shards, "train")["total_samples"]
+    assert len(rows) == total
+    expected, _ = _stream_keys(synthetic_shards, "train")
+    assert sorted(r["key"] for r in rows) == sorted(expected)
+    tokenizer = CaptionTokenizer(OPTS["max_words"])
+    for row in rows:
+        assert row["video"].shape == (4, 3, 16, 16) and row["video"].dtype.name == "float32"
+        assert row["video_mask"].shape == (4,) and row["video_mask"].dtype == bool and row["video_mask"][0]
+        assert row["text"].shape == (12,) and row["text_mask"].dtype == bool
+        captions = json.loads(row["captions"])
+        assert captions == expected[row["key"]]
+        assert row["video_id"] == row["key"]  # the synthetic ids are already tar-safe
+        # the tokenised caption is one of this video's own captions
+        n = int(row["text_mask"].sum())
+        candidates = [tokenizer([c])[0][0, :n].tolist() for c in captions]
+        assert row["text"][:n].tolist() in candidates
+    assert skip_counts(ds) == {"corrupt_shard": 0, "incomplete_sample": 0, "decode_error": 0}
+
+    batches = list(iter_train_batches(decoded, batch_size=8))
+    assert [b["video"].shape[0] for b in batches] == [8, 8, 8]
+    first = batches[0]
+    assert set(first) == {"video", "video_mask", "text", "text_mask", "video_id", "key", "captions"}
+    assert tuple(first["video"].shape) == (8, 4, 3, 16, 16) and first["text"].dtype.is_floating_point is False
+    assert all(c == expected[k] for k, c in zip(first["key"], first["captions"]))
+
+
+def test_damaged_shards_are_skipped_and_counted(ray_cluster, shard_copy, bad_inputs) -> None:
+    shards = read_index(shard_copy, "train")["shards"]
+    # shard 0: cut in half mid-member; shard 1: one sample's mp4 bytes replaced by garbage
+    truncated = shard_copy / shards[0]["name"]
+    bad_inputs.truncate_file(truncated, truncated, fraction=0.5)
+    damaged = shard_copy / shards[1]["name"]
+    samples = list(wds.WebDataset(str(damaged), shardshuffle=False))
+    samples[2]["mp4"] = bad_inputs.corrupt_mp4_bytes(samples[2]["mp4"])
+    os.remove(damaged)
+    with wds.TarWriter(str(damaged), mtime=0) as sink:
+        for s in samples:
+            sink.write({"__key__": s["__key__"], "mp4": s["mp4"], "json": s["json"]})
+
+    expected, counters = _stream_keys(shard_copy, "train")
+    assert counters["corrupt_shard"] == 1 and counters["decode_error"] == 1
+    ds = ray_dataset(shard_copy, "train", num_actors=2, **OPTS)
+    rows = ds.take_all()
+    assert sorted(r["key"] for r in rows) == sorted(expected)
+    assert samples[2]["__key__"] not in {r["key"] for r in rows}
+    assert len(rows) < read_index(shard_copy, "train")["total_samples"] - 1
+    assert skip_counts(ds) == {"corrupt_shard": 1, "incomplete_sample": 0, "decode_error": 1}

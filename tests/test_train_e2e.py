@@ -1,0 +1,105 @@
+"""launch/train.py end to end on real shards: stage con -> stage gen -> evaluation -> MLflow,
+and the one-line failures for bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_RUN = [
+    "data.max_frames=4", "data.max_words=16", "data.batch_size=8", "data.eval_batch_size=8", "data.num_workers=0",
+    "stage.con.max_steps=3", "stage.gen.max_steps=3", "stage.gen.batch_size=16", "stage.gen.timesteps=5",
+    "eval.rerank_topk=4", "run.progress=false", "tracking.flush_every_s=0.5",
+]
+
+
+def train(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    return subprocess.run([sys.executable, "launch/train.py", *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synthetic_corpus, synthetic_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e")
+    proc = train(f"data.root={synthetic_corpus}", f"data.shards={synthetic_shards}", f"run.dir={out / 'run'}",
+                 f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *TINY_RUN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.mark.slow
+def test_both_stages_write_metrics_json_and_exports(tiny_run):
+    out, proc = tiny_run
+    payload = json.loads((out / "run" / "metrics.json").read_text())
+    assert payload["stages"] == ["con", "gen"]
+    for variant in ("con", "gen_rerank"):
+        for direction in ("t2v", "v2t"):
+            m = payload["metrics"][variant][direction]
+            assert {"R1", "R5", "R10", "R50", "MdR", "MnR", "Rsum"} <= set(m)
+            assert 1 <= m["MdR"] <= 12 and m["Rsum"] == pytest.approx(m["R1"] + m["R5"] + m["R10"])
+    assert (out / "run" / "con.pt").is_file() and (out / "run" / "gen.pt").is_file()
+    assert "gen_rerank" in proc.stdout and "Rsum" in proc.stdout  # the summary table
+
+
+@pytest.mark.slow
+def test_mlflow_run_has_params_step_metrics_eval_metrics_and_artifacts(tiny_run):
+    from mlflow.tracking import MlflowClient
+
+    out, _ = tiny_run
+    run_id = json.loads((out / "run" / "metrics.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.batch_size"] == "8" and run.data.params["stage.gen.timesteps"] == "5"
+    for key in ("con/loss", "gen/loss", "gen/loss_t2v", "eval/con/t2v_R1", "eval/gen_rerank/v2t_MdR"):
+        assert key in run.data.metrics, key
+    assert [m.step for m in client.get_metric_history(run_id, "con/loss")][-1] == 3
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"metrics.json", "config.yaml", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert "plots/recall_at_k.png" in plots and "plots/stage_comparison.png" in plots
+
+
+@pytest.mark.slow
+def test_stage_gen_alone_starts_from_a_con_checkpoint(tiny_run, synthetic_corpus, synthetic_shards, tmp_path):
+    out, _ = tiny_run
+    proc = train("--stage", "gen", f"stage.gen.init={out / 'run'}", f"data.root={synthetic_corpus}",
+                 f"data.shards={synthetic_shards}", f"run.dir={tmp_path / 'gen_only'}",
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--local_rank=0", *TINY_RUN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "gen_only" / "metrics.json").read_text())
+    assert payload["stages"] == ["gen"] and "gen_rerank" in payload["metrics"]
+
+
+def _one_line_failure(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(("error:", "config error:"))]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_shard_directory_is_one_clear_line(tmp_path):
+    proc = train("data=manifest", f"data.root={tmp_path / 'corpus'}", f"data.shards={tmp_path / 'nope'}",
+                 f"run.dir={tmp_path / 'run'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    _one_line_failure(proc, "launch/pack.py")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "mlflow.db").exists()  # nothing half-written
+
+
+def test_corpus_with_zero_test_samples_is_one_clear_line(shard_copy, synthetic_corpus, tmp_path):
+    index = shard_copy / "test.index.json"
+    meta = json.loads(index.read_text())
+    index.write_text(json.dumps(dict(meta, shards=[], total_samples=0)))
+    proc = train(f"data.root={synthetic_corpus}", f"data.shards={shard_copy}", f"run.dir={tmp_path / 'run'}",
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    _one_line_failure(proc, "0 samples")
+    assert not (tmp_path / "run").exists()
+
+
+def test_undeclared_config_key_is_one_clear_line(tmp_path):
+    proc = train("stage.con.epoch=3", f"run.dir={tmp_path / 'run'}")
+    _one_line_failure(proc, "epoch")
+    assert not (tmp_path / "run").exists()
