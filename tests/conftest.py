@@ -97,3 +97,35 @@ def shard_copy(synthetic_shards, tmp_path) -> Path:
     dst = tmp_path / "shards"
     shutil.copytree(synthetic_shards, dst)
     return dst
+
+
+# A tiny but complete training run (stage con -> stage gen -> evaluation -> MLflow -> registry):
+# trained once per session and shared by the end-to-end, registry and eval/search tests.
+TINY_RUN = [
+    "data.max_frames=4", "data.max_words=16", "data.batch_size=8", "data.eval_batch_size=8", "data.num_workers=0",
+    "stage.con.max_steps=3", "stage.gen.max_steps=3", "stage.gen.batch_size=12", "stage.gen.timesteps=5",
+    "eval.rerank_topk=4", "run.progress=false", "run.device=cpu", "tracking.flush_every_s=0.5",
+]
+
+
+def launch_train(*overrides: str, cwd: Path = ROOT, timeout: int = 600):
+    import os
+    import subprocess
+
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *overrides], cwd=cwd,
+                          env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_corpus, synthetic_shards, tmp_path_factory) -> SimpleNamespace:
+    import json
+
+    out = tmp_path_factory.mktemp("trained_run")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    proc = launch_train(f"data.root={synthetic_corpus}", f"data.shards={synthetic_shards}", f"run.dir={out / 'run'}",
+                        f"tracking.uri={uri}", *TINY_RUN, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    return SimpleNamespace(out=out, run_dir=out / "run", uri=uri, run_id=metrics["mlflow_run_id"],
+                           metrics=metrics["metrics"], stdout=proc.stdout, corpus=synthetic_corpus,
+                           shards=synthetic_shards)

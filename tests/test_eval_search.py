@@ -11,18 +11,13 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_registry import train_tiny_run
 from trainer.cli import ConfigError
 
 
 @pytest.fixture(scope="module")
-def registered(synthetic_corpus, synthetic_shards, tmp_path_factory) -> SimpleNamespace:
-    from trainer.registry import register_stage
-
-    out = tmp_path_factory.mktemp("eval_search_run")
-    run = train_tiny_run(synthetic_corpus, synthetic_shards, out)
-    register_stage(run.uri, run.run_id, run.run_dir, "gen", run.metrics, name="streamret")
-    return SimpleNamespace(**vars(run), out=out, shards=synthetic_shards, corpus=synthetic_corpus)
+def registered(trained_run) -> SimpleNamespace:
+    """The shared tiny run registered itself as streamret@champion at its end (trainer/run.py)."""
+    return trained_run
 
 
 def launch(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:

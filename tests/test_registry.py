@@ -12,28 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY_CORPUS
 
 pytestmark = pytest.mark.slow
 
 
-def train_tiny_run(corpus: Path, shards: Path, out: Path) -> SimpleNamespace:
-    """One real ``launch/train.py`` run (con + gen, 2 steps each) into ``out``."""
-    uri = f"sqlite:///{out / 'mlflow.db'}"
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), f"data.root={corpus}", f"data.shards={shards}",
-           f"data.synthetic.n_train={TINY_CORPUS['n_train']}", f"data.synthetic.n_test={TINY_CORPUS['n_test']}",
-           f"data.synthetic.size={TINY_CORPUS['size']}", "data.batch_size=8", "data.num_workers=0",
-           "stage.con.max_steps=2", "stage.gen.max_steps=2", "stage.gen.batch_size=12",
-           f"tracking.uri={uri}", f"run.dir={out / 'run'}", "run.progress=false", "run.device=cpu"]
-    proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((out / "run" / "metrics.json").read_text())
-    return SimpleNamespace(run_dir=out / "run", uri=uri, run_id=metrics["mlflow_run_id"], metrics=metrics["metrics"])
-
-
 @pytest.fixture(scope="module")
-def trained(synthetic_corpus, synthetic_shards, tmp_path_factory) -> SimpleNamespace:
-    return train_tiny_run(synthetic_corpus, synthetic_shards, tmp_path_factory.mktemp("registry_run"))
+def trained(trained_run) -> SimpleNamespace:
+    return trained_run
 
 
 def champion_version(uri: str, name: str) -> str:
@@ -120,7 +105,7 @@ def test_load_by_alias_gives_the_runs_model(trained, synthetic_shards):
     assert max_frames == ref_frames and generators is not None
 
     bundle = load_bundle(f"models:/loadme/{reg.version}", tracking_uri=trained.uri)
-    assert bundle.settings.max_words == 20 and bundle.settings.gen_timesteps > 0  # from the run's config.yaml
+    assert bundle.settings.max_words == 16 and bundle.settings.gen_timesteps == 5  # from the run's config.yaml
     batch = _test_batch(synthetic_shards, model_config, max_frames, bundle.settings)
     ids, mask = CaptionTokenizer(bundle.settings.max_words)([c[0] for c in batch["captions"]])
     scores = {}

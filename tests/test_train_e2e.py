@@ -1,39 +1,21 @@
 """launch/train.py end to end on real shards: stage con -> stage gen -> evaluation -> MLflow,
 and the one-line failures for bad input."""
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_RUN = [
-    "data.max_frames=4", "data.max_words=16", "data.batch_size=8", "data.eval_batch_size=8", "data.num_workers=0",
-    "stage.con.max_steps=3", "stage.gen.max_steps=3", "stage.gen.batch_size=16", "stage.gen.timesteps=5",
-    "eval.rerank_topk=4", "run.progress=false", "tracking.flush_every_s=0.5",
-]
-
-
-def train(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
-    return subprocess.run([sys.executable, "launch/train.py", *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+from tests.conftest import TINY_RUN, launch_train as train
 
 
 @pytest.fixture(scope="module")
-def tiny_run(synthetic_corpus, synthetic_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e")
-    proc = train(f"data.root={synthetic_corpus}", f"data.shards={synthetic_shards}", f"run.dir={out / 'run'}",
-                 f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *TINY_RUN)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+def tiny_run(trained_run):
+    return trained_run.out, trained_run
 
 
 @pytest.mark.slow
 def test_both_stages_write_metrics_json_and_exports(tiny_run):
-    out, proc = tiny_run
+    out, run = tiny_run
     payload = json.loads((out / "run" / "metrics.json").read_text())
     assert payload["stages"] == ["con", "gen"]
     for variant in ("con", "gen_rerank"):
@@ -42,7 +24,7 @@ def test_both_stages_write_metrics_json_and_exports(tiny_run):
             assert {"R1", "R5", "R10", "R50", "MdR", "MnR", "Rsum"} <= set(m)
             assert 1 <= m["MdR"] <= 12 and m["Rsum"] == pytest.approx(m["R1"] + m["R5"] + m["R10"])
     assert (out / "run" / "con.pt").is_file() and (out / "run" / "gen.pt").is_file()
-    assert "gen_rerank" in proc.stdout and "Rsum" in proc.stdout  # the summary table
+    assert "gen_rerank" in run.stdout and "Rsum" in run.stdout  # the summary table
 
 
 @pytest.mark.slow
@@ -55,6 +37,9 @@ def test_mlflow_run_has_params_step_metrics_eval_metrics_and_artifacts(tiny_run)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["data.batch_size"] == "8" and run.data.params["stage.gen.timesteps"] == "5"
+    # the finished model was registered and, being the first, became the champion
+    champion = client.get_model_version_by_alias("streamret", "champion")
+    assert champion.run_id == run_id and champion.tags["stage"] == "gen"
     for key in ("con/loss", "gen/loss", "gen/loss_t2v", "eval/con/t2v_R1", "eval/gen_rerank/v2t_MdR"):
         assert key in run.data.metrics, key
     assert [m.step for m in client.get_metric_history(run_id, "con/loss")][-1] == 3
@@ -68,7 +53,7 @@ def test_mlflow_run_has_params_step_metrics_eval_metrics_and_artifacts(tiny_run)
 def test_stage_gen_alone_starts_from_a_con_checkpoint(tiny_run, synthetic_corpus, synthetic_shards, tmp_path):
     out, _ = tiny_run
     proc = train("--stage", "gen", f"stage.gen.init={out / 'run'}", f"data.root={synthetic_corpus}",
-                 f"data.shards={synthetic_shards}", f"run.dir={tmp_path / 'gen_only'}",
+                 f"data.shards={synthetic_shards}", f"run.dir={tmp_path / 'gen_only'}", "tracking.register=false",
                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--local_rank=0", *TINY_RUN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((tmp_path / "gen_only" / "metrics.json").read_text())

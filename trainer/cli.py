@@ -110,7 +110,7 @@ def _check_declared(node: DictConfig, schema: type, prefix: str) -> None:
 def _absolutize_paths(cfg: DictConfig) -> None:
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key, throw_on_missing=True)
-        if value and "://" not in str(value) and not os.path.isabs(str(value)):
+        if value and ":/" not in str(value) and not os.path.isabs(str(value)):  # URIs stay as they are
             OmegaConf.update(cfg, key, str(REPO_ROOT / str(value)), merge=False)
 
 

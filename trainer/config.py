@@ -87,6 +87,12 @@ class ConConfig:
     weight_decay: float = 0.2
     warmup_ratio: float = 0.1
     log_every: int = 10
+    # CLIP2TV momentum distillation (method.md section 5): an EMA teacher gives soft targets and
+    # queues of its past features extend the candidate pool past the batch.
+    momentum: bool = False
+    momentum_m: float = 0.995
+    queue_size: int = 0  # 0 = the pool is the global batch only
+    distill_alpha: float = 0.4
 
 
 @dataclass

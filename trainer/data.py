@@ -65,13 +65,13 @@ def pack_corpus(data: DataConfig, splits: list[str], *, progress: bool, force: b
 
 def ensure_shards(data: DataConfig, *, progress: bool) -> list[PackReport]:
     """The embedded synthetic corpus is generated and packed on first use; any other corpus must
-    already be packed (``python launch/pack.py``), so a typo in a path fails here, not mid-run."""
+    already be packed (``python launch/pack.py``). Both splits are checked here, before anything
+    is written, so a wrong path or an empty split fails at once, not mid-run."""
     splits = [data.train_split, data.test_split]
-    if data.corpus == "synthetic":
-        return pack_corpus(data, splits, progress=progress)
+    reports = pack_corpus(data, splits, progress=progress) if data.corpus == "synthetic" else []
     for split in splits:
         read_index(Path(data.shards), split)  # raises ShardsNotFound with the fix in its message
-    return []
+    return reports
 
 
 def train_loader(data: DataConfig, model: ModelConfig, dist: DistInfo, seed: int) -> "StreamLoader":

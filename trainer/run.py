@@ -5,6 +5,7 @@ Distributed setup, data, checkpoints and tracking are components this calls (tor
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ def train(dcfg: DictConfig) -> Evaluation:
         elif "con" in cfg.stage.run:
             con_path = run_dir / "con.pt"
         else:
-            con_path = Path(cfg.stage.gen.init) if cfg.stage.gen.init else run_dir / "con.pt"
+            con_path = stage_gen_init(cfg, run_dir, dist.is_main)
         # DeepSpeed cast the module to bf16 in place; reload the exact fp32 weights, frozen from here.
         load_into(encoder.float(), load_export(con_path), "encoder.", con_path)
         encoder.requires_grad_(False).eval()
@@ -77,6 +78,25 @@ def train(dcfg: DictConfig) -> Evaluation:
                 register(ctx, result, "gen" if generators is not None else "con", con_path)
         barrier()
     return result
+
+
+def stage_gen_init(cfg: RootConfig, run_dir: Path, is_main: bool) -> Path:
+    """The stage-con weights stage gen starts from: a run dir or con.pt path, or a registry URI
+    (``models:/streamret@champion``) materialised as ``<run_dir>/con.pt`` so the run is self-contained."""
+    init = cfg.stage.gen.init
+    if not init.startswith(("models:/", "runs:/")):
+        return Path(init) if init else run_dir / "con.pt"
+    path = run_dir / "con.pt"
+    if is_main:
+        from trainer.registry import load_bundle
+
+        bundle = load_bundle(init, tracking_uri=cfg.tracking.uri)
+        export = {"format": 1, "stage": "con", "source": init, "model_config": asdict(bundle.model_config),
+                  "max_frames": bundle.max_frames,
+                  "state_dict": {f"encoder.{k}": v for k, v in bundle.encoder.state_dict().items()}}
+        torch.save(export, path)
+    barrier()
+    return path
 
 
 def register(ctx: RunContext, result: Evaluation, stage: str, con_path: Path) -> None:

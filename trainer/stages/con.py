@@ -2,6 +2,7 @@
 global batch (every rank's texts and videos, gathered with gradients)."""
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import asdict
 from pathlib import Path
@@ -15,8 +16,10 @@ from trainer.checkpoint import CheckpointManager, GracefulStop, Preempted, Resum
 from trainer.context import StepTimer
 from trainer.data import train_loader
 from trainer.engine import build_engine, engine_dtype, learning_rates
+from trainer.config import ConConfig
 from trainer.losses import contrastive_loss
 from trainer.models import RetrievalEncoder, TextFeatures, VideoFeatures
+from trainer.models.momentum import FeatureQueue, MomentumTeacher, distilled_contrastive_loss
 
 
 def video_groups(video_ids: list[str], device: torch.device) -> torch.Tensor:
@@ -38,20 +41,67 @@ def gather_features(text: TextFeatures, video: VideoFeatures) -> tuple[TextFeatu
 
 
 class ContrastiveTask(nn.Module):
-    """What the DeepSpeed engine wraps in stage con: batch -> loss."""
+    """What the DeepSpeed engine wraps in stage con: batch -> loss.
 
-    def __init__(self, encoder: RetrievalEncoder):
+    With ``momentum`` (CLIP2TV) an EMA teacher of the encoder gives soft targets, and queues of
+    the teacher's recent global-batch features extend the candidate pool past the batch."""
+
+    def __init__(self, encoder: RetrievalEncoder, con: ConConfig | None = None, max_words: int = 0,
+                 max_frames: int = 0):
         super().__init__()
         self.encoder = encoder
+        self.teacher = MomentumTeacher(encoder, con.momentum_m) if con is not None and con.momentum else None
+        self.alpha = con.distill_alpha if con is not None else 0.0
+        self.text_queue = self.video_queue = None
+        if self.teacher is not None and con.queue_size > 0:
+            dim = encoder.text_weight[0].in_features
+            dtypes = {"weights": torch.float32, "mask": torch.bool, "group": torch.long}
+            self.text_queue = FeatureQueue(con.queue_size, {"words": (max_words, dim), "weights": (max_words,),
+                                                            "mask": (max_words,), "group": ()},
+                                           dict(dtypes, words=torch.float32))
+            self.video_queue = FeatureQueue(con.queue_size, {"frames": (max_frames, dim), "weights": (max_frames,),
+                                                             "mask": (max_frames,), "group": ()},
+                                            dict(dtypes, frames=torch.float32))
 
     def forward(self, video: torch.Tensor, video_mask: torch.Tensor, text: torch.Tensor,
                 text_mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        t = self.encoder.encode_text(text, text_mask)
-        v = self.encoder.encode_video(video, video_mask)
-        t, v = gather_features(t, v)
+        t, v = gather_features(self.encoder.encode_text(text, text_mask), self.encoder.encode_video(video, video_mask))
         all_groups = gather_with_grad(groups) if torch.distributed.is_initialized() else groups
-        sim = self.encoder.similarity(t, v)
-        return contrastive_loss(sim, self.encoder.scale().float(), all_groups, all_groups)
+        scale = self.encoder.scale().float()
+        if self.teacher is None:
+            return contrastive_loss(self.encoder.similarity(t, v), scale, all_groups, all_groups)
+        with torch.no_grad():
+            tt, tv = gather_features(self.teacher.module.encode_text(text, text_mask),
+                                     self.teacher.module.encode_video(video, video_mask))
+        pool_t, pool_tt, text_groups = self._with_queue(t, tt, all_groups, self.text_queue, "words")
+        pool_v, pool_tv, pool_video_groups = self._with_queue(v, tv, all_groups, self.video_queue, "frames")
+        sim = self.encoder.similarity
+        loss_t2v = distilled_contrastive_loss(sim(t, pool_v), sim(tt, pool_tv), all_groups, pool_video_groups,
+                                              scale, self.alpha)
+        loss_v2t = distilled_contrastive_loss(sim(pool_t, v).t(), sim(pool_tt, tv).t(), all_groups, text_groups,
+                                              scale, self.alpha)
+        if self.text_queue is not None:
+            self.text_queue.push(words=tt.words, weights=tt.weights, mask=tt.mask, group=all_groups)
+            self.video_queue.push(frames=tv.frames, weights=tv.weights, mask=tv.mask, group=all_groups)
+        return (loss_t2v + loss_v2t) / 2
+
+    @staticmethod
+    def _with_queue(student, teacher, groups, queue, tokens: str):
+        """(student pool, teacher pool, pool groups): this batch, then the queued teacher features."""
+        if queue is None or len(queue) == 0:
+            return student, teacher, groups
+        q = queue.items()
+
+        def extend(feats):
+            return dataclasses.replace(feats, **{
+                name: torch.cat([getattr(feats, name), q[name].to(getattr(feats, name).dtype)])
+                for name in (tokens, "weights", "mask")})
+
+        return extend(student), extend(teacher), torch.cat([groups, q["group"]])
+
+    def after_step(self) -> None:
+        if self.teacher is not None:
+            self.teacher.update(self.encoder)
 
 
 def param_groups(encoder: RetrievalEncoder, lr: float, clip_lr_coef: float) -> list[dict]:
@@ -72,7 +122,10 @@ def contrastive_step(engine, batch: dict, dtype: torch.dtype, device: torch.devi
         video_groups(batch["video_id"], device),
     )
     engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
     engine.step()
+    if boundary:
+        engine.module.after_step()  # the EMA teacher follows the optimiser steps
     return loss.item()
 
 
@@ -84,7 +137,8 @@ def train_con(ctx, encoder: RetrievalEncoder, resume: ResumePoint | None = None)
     # The small CLIP learning rate protects pretrained weights; a randomly initialised CLIP
     # (model.weights unset: tests, the synthetic job) must learn at the full rate.
     clip_coef = con.clip_lr_coef if cfg.model.weights else 1.0
-    engine = build_engine(ContrastiveTask(encoder), param_groups(encoder, con.lr, clip_coef), cfg.deepspeed,
+    task = ContrastiveTask(encoder, con, cfg.data.max_words, cfg.data.max_frames)
+    engine = build_engine(task, param_groups(encoder, con.lr, clip_coef), cfg.deepspeed,
                           micro_batch=cfg.data.batch_size, total_steps=total, warmup_ratio=con.warmup_ratio,
                           weight_decay=con.weight_decay)
     ckpt = CheckpointManager(ctx.run_dir, "con", cfg.run.keep_last, ctx.shapes)
