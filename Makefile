@@ -26,6 +26,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) launch/bench.py ops --quick
 	$(PY) launch/bench.py decode
 	$(PY) launch/bench.py train

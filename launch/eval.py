@@ -144,6 +144,7 @@ def eval_metric_names(metrics: dict) -> dict[str, float]:
 def log_to_mlflow(cfg, args: EvalArgs, result, json_path: Path) -> None:
     from trainer.tracking import MetricsLogger
 
+    e = cfg.eval
     tags = {"kind": "eval", "model": args.model, "split": cfg.data.test_split}
     with MetricsLogger(cfg.tracking.uri, cfg.tracking.experiment, run_name=f"eval {args.model}", tags=tags) as tracker:
         tracker.log_params({"model": args.model, "data.shards": cfg.data.shards, "qb_bank": e.qb_bank,

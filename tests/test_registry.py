@@ -3,8 +3,6 @@ improvement, and loading by alias / version / run dir giving the run's own model
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 

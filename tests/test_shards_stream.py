@@ -185,3 +185,12 @@ def test_undecodable_mp4_is_skipped_and_counted(tmp_path, clip_maker, bad_inputs
     batches = list(build_loader(t, batch_size=3, max_words=8, num_workers=0, training=True, seed=0))
     assert [b["key"] for b in batches] == [["k0", "k2"]]  # a short batch, not a shifted epoch
     assert t.state_dict()["samples_consumed"] == 3 and t.counters["decode_error"] == 1
+
+
+def test_shard_that_disappears_mid_run_is_skipped_and_counted(synthetic_corpus, shard_copy) -> None:
+    s = stream(shard_copy, training=False)  # the index was read: the shard list is fixed now
+    (shard_copy / "train-000002.tar").unlink()  # e.g. a network mount losing a file mid-run
+    got = sum((b["key"] for b in build_loader(s, batch_size=4, max_words=8, num_workers=0, training=False, seed=0)), [])
+    ids = manifest_ids(synthetic_corpus, "train")
+    assert s.counters["corrupt_shard"] == 1
+    assert sorted(got) == sorted(ids[:14] + ids[21:])  # every sample of the other shards, none lost
