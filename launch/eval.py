@@ -61,26 +61,15 @@ def parse_args(argv: list[str]) -> EvalArgs:
     return EvalArgs(model, known.out.resolve(), known.mlflow, rest)
 
 
-def limited(loader, max_captions: int):
-    """The loader's batches until ``max_captions`` captions were yielded (bounds querybank decoding)."""
-    seen = 0
-    for batch in loader:
-        yield batch
-        seen += sum(len(c) for c in batch["captions"])
-        if seen >= max_captions:
-            return
-
-
 def run_eval(args: EvalArgs, dcfg) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from ops.inference import dual_softmax, qb_norm
     from shards.index import read_index
     from shards.tokenize import CaptionTokenizer
     from trainer.data import eval_loader
-    from trainer.evaluate import evaluate_con, evaluate_rerank
-    from trainer.features import encode_split
+    from trainer.evaluate import evaluate_con, evaluate_dual_softmax, evaluate_qb_norm, evaluate_rerank
+    from trainer.features import encode_split, limited
     from trainer.registry import load_bundle
     from trainer.report import summary_table, write_metrics_json
 
@@ -102,26 +91,16 @@ def run_eval(args: EvalArgs, dcfg) -> dict:
     if bundle.generators is not None:
         evaluate_rerank(result, bank, bundle.generators, abar, topk=e.rerank_topk, alpha=e.rerank_alpha,
                         steps=e.ddim_steps, seed=cfg.run.seed)
-    sim = result.sim
     t = e.dual_softmax_temperature
-    result.add("con_dual_softmax", dual_softmax(sim, t, "t2v"), dual_softmax(sim, t, "v2t"), bank.text_to_video)
-
+    evaluate_dual_softmax(result, bank.text_to_video, t)
     qb_info = None
     if e.qb_bank > 0:
         read_index(Path(data.shards), data.train_split)
         loader = limited(eval_loader(data, bundle.model_config, data.train_split), e.qb_bank)
         qbank = encode_split(encoder, loader, tokenizer, device, torch.float32, "encode querybank", cfg.run.progress)
-        n_text = min(e.qb_bank, qbank.words.shape[0])
-        # t2v: bank captions x test videos; v2t: bank videos x test captions (the transposed problem).
-        bank_t2v = torch.cat([encoder.similarity(qbank.text(slice(i, min(i + e.block, n_text))), bank.video())
-                              for i in range(0, n_text, e.block)])
-        bank_v2t = encoder.similarity(bank.text(), qbank.video()).t()
-        k_t2v, k_v2t = min(e.qb_k, sim.shape[1]), min(e.qb_k, sim.shape[0])
-        t2v = qb_norm(sim, bank_t2v, k=k_t2v, beta=e.qb_beta)
-        v2t = qb_norm(sim.t(), bank_v2t, k=k_v2t, beta=e.qb_beta).t()
-        result.add("con_qb_norm", t2v, v2t, bank.text_to_video)
-        qb_info = {"captions": n_text, "videos": qbank.num_videos, "split": data.train_split, "k": e.qb_k,
-                   "beta": e.qb_beta}
+        qb_info = evaluate_qb_norm(result, encoder, bank, qbank, max_captions=e.qb_bank, k=e.qb_k, beta=e.qb_beta,
+                                   block=e.block)
+        qb_info["split"] = data.train_split
 
     elapsed = time.time() - started
     payload = {"model": args.model, "source": bundle.source, "shards": data.shards, "split": data.test_split,

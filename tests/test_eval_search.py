@@ -31,7 +31,7 @@ def test_eval_reports_every_variant_and_reproduces_training_eval(registered):
     proc = launch("eval.py", ["--model", "models:/streamret@champion", f"data.root={registered.corpus}",
                               f"data.shards={registered.shards}", f"tracking.uri={registered.uri}",
                               "run.progress=false", "run.device=cpu", "data.num_workers=0",
-                              "--out", str(out_json), "eval.qb_bank=10", "--mlflow"], registered.out)
+                              "eval.rerank_topk=4", "--out", str(out_json), "eval.qb_bank=10", "--mlflow"], registered.out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for variant in ("con ", "gen_rerank", "con_dual_softmax", "con_qb_norm", "Rsum delta vs con"):
         assert variant in proc.stdout

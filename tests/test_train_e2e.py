@@ -18,11 +18,13 @@ def test_both_stages_write_metrics_json_and_exports(tiny_run):
     out, run = tiny_run
     payload = json.loads((out / "run" / "metrics.json").read_text())
     assert payload["stages"] == ["con", "gen"]
-    for variant in ("con", "gen_rerank"):
+    assert set(payload["metrics"]) == {"con", "con_dual_softmax", "con_qb_norm", "gen_rerank"}
+    for variant in payload["metrics"]:
         for direction in ("t2v", "v2t"):
             m = payload["metrics"][variant][direction]
             assert {"R1", "R5", "R10", "R50", "MdR", "MnR", "Rsum"} <= set(m)
-            assert 1 <= m["MdR"] <= 12 and m["Rsum"] == pytest.approx(m["R1"] + m["R5"] + m["R10"])
+            candidates = 12 if direction == "t2v" else 24  # 12 test videos, 2 captions each
+            assert 1 <= m["MdR"] <= candidates and m["Rsum"] == pytest.approx(m["R1"] + m["R5"] + m["R10"])
     assert (out / "run" / "con.pt").is_file() and (out / "run" / "gen.pt").is_file()
     assert "gen_rerank" in run.stdout and "Rsum" in run.stdout  # the summary table
 
@@ -40,7 +42,9 @@ def test_mlflow_run_has_params_step_metrics_eval_metrics_and_artifacts(tiny_run)
     # the finished model was registered and, being the first, became the champion
     champion = client.get_model_version_by_alias("streamret", "champion")
     assert champion.run_id == run_id and champion.tags["stage"] == "gen"
-    for key in ("con/loss", "gen/loss", "gen/loss_t2v", "eval/con/t2v_R1", "eval/gen_rerank/v2t_MdR"):
+    for key in ("con/loss", "gen/loss", "gen/loss_t2v", "eval/con/t2v_R1", "eval/gen_rerank/v2t_MdR",
+                "eval/con_dual_softmax/t2v_R1", "eval/con_qb_norm/v2t_Rsum", "con/lr_group0", "con/logit_scale",
+                "con/samples_per_s", "con/data_wait_frac", "con/data_decode_error", "data/quarantined_train"):
         assert key in run.data.metrics, key
     assert [m.step for m in client.get_metric_history(run_id, "con/loss")][-1] == 3
     artifacts = {a.path for a in client.list_artifacts(run_id)}
@@ -50,14 +54,17 @@ def test_mlflow_run_has_params_step_metrics_eval_metrics_and_artifacts(tiny_run)
 
 
 @pytest.mark.slow
-def test_stage_gen_alone_starts_from_a_con_checkpoint(tiny_run, synthetic_corpus, synthetic_shards, tmp_path):
-    out, _ = tiny_run
-    proc = train("--stage", "gen", f"stage.gen.init={out / 'run'}", f"data.root={synthetic_corpus}",
-                 f"data.shards={synthetic_shards}", f"run.dir={tmp_path / 'gen_only'}", "tracking.register=false",
-                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--local_rank=0", *TINY_RUN)
+def test_stage_gen_alone_starts_from_the_registered_champion(tiny_run, synthetic_corpus, synthetic_shards, tmp_path):
+    _, run = tiny_run
+    proc = train("--stage", "gen", "stage.gen.init=models:/streamret@champion", f"tracking.uri={run.uri}",
+                 f"data.root={synthetic_corpus}", f"data.shards={synthetic_shards}", f"run.dir={tmp_path / 'gen_only'}",
+                 "tracking.register=false", "--local_rank=0", *TINY_RUN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((tmp_path / "gen_only" / "metrics.json").read_text())
     assert payload["stages"] == ["gen"] and "gen_rerank" in payload["metrics"]
+    # the champion's encoder, materialised into the run: same stage-1 metrics as the run that trained it
+    for direction in ("t2v", "v2t"):
+        assert payload["metrics"]["con"][direction] == pytest.approx(run.metrics["con"][direction])
 
 
 def _one_line_failure(proc: subprocess.CompletedProcess, needle: str) -> None:

@@ -74,6 +74,15 @@ def ensure_shards(data: DataConfig, *, progress: bool) -> list[PackReport]:
     return reports
 
 
+def quarantine_counts(data: DataConfig) -> dict[str, int]:
+    """Rows each split lost at pack time (``<split>.quarantine.jsonl``), for the run's metrics."""
+    counts = {}
+    for split in (data.train_split, data.test_split):
+        path = Path(data.shards) / f"{split}.quarantine.jsonl"
+        counts[f"quarantined_{split}"] = sum(1 for line in path.open() if line.strip()) if path.is_file() else 0
+    return counts
+
+
 def train_loader(data: DataConfig, model: ModelConfig, dist: DistInfo, seed: int) -> "StreamLoader":
     if dist.launcher == "ray":  # a Ray Train worker: its split of the driver's Ray Data pipeline
         from trainer.ray_launcher import ray_train_loader

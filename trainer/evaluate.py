@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ops import rerank_topk, retrieval_metrics
+from ops import dual_softmax, qb_norm, rerank_topk, retrieval_metrics
 from trainer.features import FeatureBank
 from trainer.models import Generators, RetrievalEncoder
 
@@ -74,3 +74,27 @@ def evaluate_rerank(result: Evaluation, bank: FeatureBank, generators: Generator
     t2v, v2t = rerank(result.sim, bank, generators, abar, topk=topk, alpha=alpha,
                       steps=steps or abar.shape[0], seed=seed)
     result.add("gen_rerank", t2v, v2t, bank.text_to_video)
+
+
+def evaluate_dual_softmax(result: Evaluation, text_to_video: torch.Tensor, temperature: float) -> None:
+    """Variant ``con_dual_softmax`` (CLIP2TV/CAMoE): t2v ranked on the t2v prior, v2t on the v2t one."""
+    sim = result.sim
+    result.add("con_dual_softmax", dual_softmax(sim, temperature, "t2v"), dual_softmax(sim, temperature, "v2t"),
+               text_to_video)
+
+
+@torch.no_grad()
+def evaluate_qb_norm(result: Evaluation, encoder: RetrievalEncoder, bank: FeatureBank, querybank: FeatureBank, *,
+                     max_captions: int, k: int, beta: float, block: int) -> dict:
+    """Variant ``con_qb_norm``: QB-Norm with a querybank of training captions (t2v) and their videos
+    (v2t), encoded by the same encoder. Returns what the querybank held."""
+    sim = result.sim
+    n_text = min(max_captions, querybank.words.shape[0])
+    # t2v: bank captions x test videos; v2t: bank videos x test captions (the transposed problem).
+    bank_t2v = torch.cat([encoder.similarity(querybank.text(slice(i, min(i + block, n_text))), bank.video())
+                          for i in range(0, n_text, block)])
+    bank_v2t = encoder.similarity(bank.text(), querybank.video()).t()
+    t2v = qb_norm(sim, bank_t2v, k=min(k, sim.shape[1]), beta=beta)
+    v2t = qb_norm(sim.t(), bank_v2t, k=min(k, sim.shape[0]), beta=beta).t()
+    result.add("con_qb_norm", t2v, v2t, bank.text_to_video)
+    return {"captions": n_text, "videos": querybank.num_videos, "k": k, "beta": beta}

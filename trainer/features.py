@@ -49,6 +49,16 @@ class FeatureBank:
         return FeatureBank(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in moved.items()})
 
 
+def limited(loader, max_captions: int):
+    """The loader's batches until ``max_captions`` captions were yielded (bounds querybank decoding)."""
+    seen = 0
+    for batch in loader:
+        yield batch
+        seen += sum(len(c) for c in batch["captions"])
+        if seen >= max_captions:
+            return
+
+
 @torch.no_grad()
 def encode_split(encoder: RetrievalEncoder, loader, tokenizer: CaptionTokenizer, device: torch.device,
                  dtype: torch.dtype, desc: str, progress: bool = True,

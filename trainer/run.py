@@ -15,10 +15,10 @@ from shards.tokenize import CaptionTokenizer
 from trainer.checkpoint import find_resume_point, load_export, load_into
 from trainer.config import RootConfig
 from trainer.context import RunContext, seed_everything, shape_key
-from trainer.data import ensure_shards, eval_loader
+from trainer.data import ensure_shards, eval_loader, quarantine_counts
 from trainer.distributed import barrier, init_distributed
-from trainer.evaluate import Evaluation, evaluate_con, evaluate_rerank
-from trainer.features import encode_split
+from trainer.evaluate import Evaluation, evaluate_con, evaluate_dual_softmax, evaluate_qb_norm, evaluate_rerank
+from trainer.features import encode_split, limited
 from trainer.models import build_encoder
 from trainer.outputs import log_evaluation, write_outputs
 from trainer.stages.con import train_con
@@ -43,6 +43,7 @@ def train(dcfg: DictConfig) -> Evaluation:
     ctx = RunContext(cfg, dist, run_dir, tracker, shapes=shape_key(cfg))
     with tracker:
         tracker.log_params(flatten_params(OmegaConf.to_container(dcfg, resolve=True)))
+        ctx.log("data", quarantine_counts(cfg.data), step=0)
         encoder = build_encoder(cfg.model, cfg.data.max_frames).to(dist.device)
         con_done = resume is not None and (resume.stage == "gen" or resume.finished)
         if "con" in cfg.stage.run and not con_done:
@@ -56,19 +57,28 @@ def train(dcfg: DictConfig) -> Evaluation:
         encoder.requires_grad_(False).eval()
 
         tokenizer = CaptionTokenizer(cfg.data.max_words)
-        result, generators = Evaluation(), None
+        result, generators, e = Evaluation(), None, cfg.eval
+        train_bank = None
+        if "gen" in cfg.stage.run:  # stage gen trains on these; QB-Norm's querybank comes from them too
+            train_bank = encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.train_split), tokenizer,
+                                      dist.device, torch.float32, "cache train features", cfg.run.progress)
         if dist.is_main:  # evaluation runs on rank 0; the others wait at the barrier
             test_bank = encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.test_split), tokenizer,
                                      dist.device, torch.float32, "encode test", cfg.run.progress)
-            result = evaluate_con(encoder, test_bank, cfg.eval.block)
-            log_evaluation(ctx, result, "con", step=0)
+            result = evaluate_con(encoder, test_bank, e.block)
+            evaluate_dual_softmax(result, test_bank.text_to_video, e.dual_softmax_temperature)
+            if e.qb_bank > 0:
+                querybank = train_bank if train_bank is not None else encode_split(
+                    encoder, limited(eval_loader(cfg.data, cfg.model, cfg.data.train_split), e.qb_bank), tokenizer,
+                    dist.device, torch.float32, "encode querybank", cfg.run.progress)
+                evaluate_qb_norm(result, encoder, test_bank, querybank, max_captions=e.qb_bank, k=e.qb_k,
+                                 beta=e.qb_beta, block=e.block)
+            for variant in result.metrics:
+                log_evaluation(ctx, result, variant, step=0)
         if "gen" in cfg.stage.run:
-            train_bank = encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.train_split), tokenizer,
-                                      dist.device, torch.float32, "cache train features", cfg.run.progress)
             generators, abar = train_gen(ctx, encoder, train_bank,
                                          resume if resume and resume.stage == "gen" and not resume.finished else None)
             if dist.is_main:
-                e = cfg.eval
                 evaluate_rerank(result, test_bank, generators, abar, topk=e.rerank_topk, alpha=e.rerank_alpha,
                                 steps=e.ddim_steps, seed=cfg.run.seed)
                 log_evaluation(ctx, result, "gen_rerank", step=0)
