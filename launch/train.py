@@ -16,10 +16,16 @@ def main() -> int:
         print(err.message, file=sys.stderr)
         return 2
     from trainer.errors import user_errors
-    from trainer.run import train
 
     with user_errors():
-        train(cfg)
+        if cfg.launcher.name == "ray":  # the driver: Ray Data pipeline + a Ray Train TorchTrainer
+            from trainer.ray_launcher import launch_ray
+
+            launch_ray(cfg)
+        else:
+            from trainer.run import train
+
+            train(cfg)
     return 0
 
 

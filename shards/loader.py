@@ -1,13 +1,18 @@
 """DataLoader over a ``ShardStream`` with batch-exact resume.
 
 Batches are assembled inside the workers (collation and tokenisation included) and the
-DataLoader only forwards them (``batch_size=None``). The main process counts the batches it has
-handed out and writes that back into ``stream.samples_consumed``, so ``stream.state_dict()`` is
+DataLoader only forwards them (``batch_size=None``). Workers ship video as uint8 (resized and
+cropped: a quarter of the float32 bytes through shared memory) and the main process normalises
+each batch once, so ``batch["video"]`` is float32 CLIP-normalised all the same.
+
+The main process counts the batches it has handed out and writes that back into
+``stream.samples_consumed``, so ``stream.state_dict()`` is
 exact whatever ``num_workers`` is: on resume each worker derives from the consumed-batch count
 which of its samples to skip (see ``ShardStream.iter_batches``).
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import Iterator
 
@@ -24,6 +29,13 @@ def pick_caption(captions: list[str], seed: int, epoch: int, key: str) -> int:
     return random.Random(f"caption/{seed}/{epoch}/{key}").randrange(len(captions))
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(max_words: int) -> CaptionTokenizer:
+    """One tokenizer per length for the process: building the BPE tables costs ~0.2 s of CPU,
+    which every epoch's new DataLoader would otherwise pay again."""
+    return CaptionTokenizer(max_words)
+
+
 class _Batches(IterableDataset):
     """Runs in each worker: the stream's batches for that worker, collated."""
 
@@ -32,13 +44,13 @@ class _Batches(IterableDataset):
         super().__init__()
         self.stream, self.batch_size, self.training, self.seed = stream, batch_size, training, seed
         self.batches_done = batches_done
-        self.tokenizer = CaptionTokenizer(max_words) if training else None
+        self.tokenizer = _tokenizer(max_words) if training else None
 
     def __iter__(self) -> Iterator[dict]:
         base = dict(self.stream.counters)
         info = get_worker_info()
         slot = 0 if info is None else info.id
-        for size, samples in self.stream.iter_batches(self.batch_size, self.batches_done):
+        for size, samples in self.stream.iter_batches(self.batch_size, self.batches_done, normalise=False):
             batch = self.collate(samples)
             batch["_raw_size"] = size
             batch["_slot"] = slot
@@ -47,9 +59,9 @@ class _Batches(IterableDataset):
 
     def collate(self, samples: list[dict]) -> dict:
         s = self.stream
-        empty_video = torch.zeros(0, s.max_frames, 3, s.image_size, s.image_size)
+        empty_video = torch.zeros(0, s.max_frames, 3, s.image_size, s.image_size, dtype=torch.uint8)
         batch = {
-            "video": torch.stack([x["frames"] for x in samples]) if samples else empty_video,
+            "video": _stack([x["frames"] for x in samples]) if samples else empty_video,
             "video_mask": torch.stack([x["frame_mask"] for x in samples]) if samples
             else torch.zeros(0, s.max_frames, dtype=torch.bool),
             "video_id": [x["video_id"] for x in samples],
@@ -61,6 +73,15 @@ class _Batches(IterableDataset):
             chosen = [x["captions"][pick_caption(x["captions"], self.seed, s.epoch, x["key"])] for x in samples]
             batch["text"], batch["text_mask"] = self.tokenizer(chosen)
         return batch
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; inside a DataLoader worker straight into shared memory, which the batch is
+    sent through anyway (saves a copy of the batch, as torch's own default_collate does)."""
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype).share_memory_()
+    return torch.stack(tensors, out=out)
 
 
 class StreamLoader:
@@ -107,6 +128,7 @@ class StreamLoader:
             stream.counters = {k: base.get(k, 0) + sum(d.get(k, 0) for d in latest.values())
                                for k in set(base) | {k for d in latest.values() for k in d}}
             size = batch.pop("_raw_size")
+            batch["video"] = stream.transform.normalise(batch["video"], batch["video_mask"])
             if self.training:
                 stream.samples_consumed += size
             yield batch

@@ -216,8 +216,10 @@ class ShardStream(IterableDataset):
                 return
         yield from itertools.islice(stream, count)
 
-    def decode(self, raw: dict) -> dict | None:
-        """Decode and preprocess one raw sample; None (counted, logged) when it cannot be decoded."""
+    def decode(self, raw: dict, normalise: bool = True) -> dict | None:
+        """Decode and preprocess one raw sample; None (counted, logged) when it cannot be decoded.
+        ``normalise=False`` leaves ``frames`` uint8 (resized, cropped, padded): ``build_loader`` ships
+        those from its workers (4x less IPC) and normalises whole batches with ``transform.normalise``."""
         try:
             meta = json.loads(raw["json"])
             start, end = meta.get("start"), meta.get("end")
@@ -231,7 +233,9 @@ class ShardStream(IterableDataset):
             log.warning("%s/%s: cannot decode sample %s (%s: %s); skipped", self.shard_dir, raw.get("__url__"),
                         raw.get("__key__"), type(exn).__name__, exn)
             return None
-        video, mask = self.transform(frames, self.max_frames)
+        video, mask = self.transform.crop(frames, self.max_frames)
+        if normalise:
+            video = self.transform.normalise(video, mask)
         return {"key": raw["__key__"], "video_id": meta["video_id"], "captions": list(meta["captions"]),
                 "frames": video, "frame_mask": mask, "meta": meta}
 
@@ -240,8 +244,10 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         return (0, 1) if info is None else (info.id, info.num_workers)
 
-    def iter_batches(self, batch_size: int, batches_done: int) -> Iterator[tuple[int, list[dict]]]:
-        """This DataLoader worker's batches as ``(size in raw samples, decoded samples)``.
+    def iter_batches(self, batch_size: int, batches_done: int,
+                     normalise: bool = True) -> Iterator[tuple[int, list[dict]]]:
+        """This DataLoader worker's batches as ``(size in raw samples, decoded samples)``; ``normalise``
+        as in ``decode``.
 
         Training: the worker at slot ``w`` plays the original worker ``(w + batches_done) % W``, so
         that after a resume the DataLoader's round robin (which always starts at worker 0) still
@@ -256,7 +262,7 @@ class ShardStream(IterableDataset):
                 chunk = [r for _, r in zip(range(batch_size), raws)]
                 if not chunk:
                     return
-                yield len(chunk), [s for s in map(self.decode, chunk) if s is not None]
+                yield len(chunk), [s for s in (self.decode(r, normalise) for r in chunk) if s is not None]
         worker = (slot + batches_done) % workers
         done = self._worker_batches(batch_size, workers, worker, 0, batches_done)
         todo = self._worker_batches(batch_size, workers, worker, batches_done, self.num_batches(batch_size))
@@ -265,7 +271,7 @@ class ShardStream(IterableDataset):
         raws = self.raw_samples(worker, workers, skip=sum(done), count=sum(todo))
         for size in todo:
             chunk = [r for _, r in zip(range(size), raws)]
-            yield size, [s for s in map(self.decode, chunk) if s is not None]
+            yield size, [s for s in (self.decode(r, normalise) for r in chunk) if s is not None]
 
     def __iter__(self) -> Iterator[dict]:
         """Decoded samples. In-process this also advances ``samples_consumed`` (exact per-sample

@@ -82,3 +82,59 @@ def test_tokenizer_pads_truncates_and_keeps_eot() -> None:
     assert ids[2, :2].tolist() == [tok.sot_id, tok.eot_id] and mask[2].sum() == 2
     with pytest.raises(TypeError, match="list"):
         tok("a bare string")
+
+
+def test_crop_ships_uint8_and_normalise_matches_the_float_formula() -> None:
+    frames = np.random.default_rng(0).integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8)
+    transform = ClipTransform(32)
+    video, mask = transform.crop(frames, max_frames=5)
+    assert video.shape == (5, 3, 32, 32) and video.dtype == torch.uint8
+    assert mask.tolist() == [True, True, True, False, False] and torch.all(video[3:] == 0)
+    # normalise over a batch [B, T, ...] with its mask: (x / 255 - mean) / std, padded frames exactly 0
+    batch, batch_mask = torch.stack([video, video]), torch.stack([mask, torch.ones(5, dtype=torch.bool)])
+    out = transform.normalise(batch, batch_mask)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    expected = (batch.float() / 255.0 - mean) / std
+    expected[0, 3:] = 0.0
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    # the one-call form is crop + normalise
+    full, full_mask = transform(frames, max_frames=5)
+    torch.testing.assert_close(full, out[0])
+    assert torch.equal(full_mask, mask)
+    with pytest.raises(ValueError, match="uint8"):
+        transform.normalise(batch.float(), batch_mask)
+
+
+def test_uint8_resize_is_close_to_float_bicubic() -> None:
+    """The uint8 channels-last resize differs from the float bicubic reference by rounding only."""
+    rng = np.random.default_rng(1)
+    coarse = rng.integers(0, 256, size=(2, 3, 12, 16)).astype(np.float32)  # 8x8 blocks: sharp edges to resize
+    frames = torch.from_numpy(np.kron(coarse, np.ones((1, 1, 8, 8), np.float32))).to(torch.uint8)  # [2,3,96,128]
+    video, _ = ClipTransform(48).crop(frames.permute(0, 2, 3, 1).numpy())
+    ref = torch.nn.functional.interpolate(frames.float(), size=(48, 64), mode="bicubic", antialias=True,
+                                          align_corners=False).clamp(0, 255)[..., 8:56]  # centre crop 48 of 64
+    diff = (video.float() - ref).abs()
+    assert video.shape == (2, 3, 48, 48)
+    assert diff.mean().item() < 0.6 and diff.max().item() <= 10, (diff.mean().item(), diff.max().item())
+
+
+def test_loader_workers_ship_uint8_and_batches_come_out_normalised(synthetic_shards) -> None:
+    """Through DataLoader workers the video travels as uint8; the batch must still equal the stream's own
+    per-sample float preprocessing."""
+    from shards.loader import build_loader
+    from shards.stream import ShardStream
+
+    def make() -> ShardStream:
+        return ShardStream(synthetic_shards, "test", max_frames=3, image_size=16, training=False)
+
+    reference = {x["key"]: x for x in make()}
+    assert next(iter(reference.values()))["frames"].dtype == torch.float32
+    seen = 0
+    for batch in build_loader(make(), batch_size=4, max_words=8, num_workers=1, training=False, seed=0):
+        assert batch["video"].dtype == torch.float32 and batch["video"].shape[1:] == (3, 3, 16, 16)
+        for key, video, mask in zip(batch["key"], batch["video"], batch["video_mask"]):
+            torch.testing.assert_close(video, reference[key]["frames"], atol=1e-6, rtol=0)
+            assert torch.equal(mask, reference[key]["frame_mask"])
+            seen += 1
+    assert seen == len(reference) == 12

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,8 +144,11 @@ class GracefulStop:
         self._previous = {}
 
     def __enter__(self) -> "GracefulStop":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        # Python installs handlers from the main thread only; Ray Train runs the loop in another
+        # thread (preemption there comes through Ray, not a signal to this process).
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -179,9 +183,11 @@ def fp32_state_dict(engine, save_dir: Path, tag: str) -> dict[str, torch.Tensor]
         state = get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
         # Frozen parameters (no master copy) and buffers come from the module itself.
         for k, v in engine.module.state_dict().items():
-            state.setdefault(k, v.float() if v.is_floating_point() else v)
-        return state
-    return {k: v.float() if v.is_floating_point() else v for k, v in engine.module.state_dict().items()}
+            state.setdefault(k, v)
+    else:
+        state = engine.module.state_dict()
+    # ZeRO-2/3 hand back frozen parameters in the module's 16-bit dtype: everything leaves as fp32.
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def export_stage(engine, manager: CheckpointManager, tag_dir: Path, run_dir: Path, export: dict) -> Path:

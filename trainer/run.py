@@ -95,7 +95,8 @@ def stage_gen_init(cfg: RootConfig, run_dir: Path, is_main: bool) -> Path:
     (``models:/streamret@champion``) materialised as ``<run_dir>/con.pt`` so the run is self-contained."""
     init = cfg.stage.gen.init
     if not init.startswith(("models:/", "runs:/")):
-        return Path(init) if init else run_dir / "con.pt"
+        path = Path(init) if init else run_dir / "con.pt"
+        return path / "con.pt" if path.is_dir() else path
     path = run_dir / "con.pt"
     if is_main:
         from trainer.registry import load_bundle

@@ -13,6 +13,15 @@ On each packing, one process each (torch and the decoders at one thread):
     training stream does); per core = clips/s / max(1, workers). Steady state excludes the time
     to the first batch (worker start-up: imports, first shard open).
 
+Per core from wall time is only meaningful on an idle machine. Each decoder also reports CPU
+seconds (``per_cpu_s`` = clips per CPU second: user + system of the process, and for (c) of its
+DataLoader workers too, steady state after the first batch like the wall figure), which stays
+comparable when other jobs share the cores.
+
+Shards: ``--shard-mb`` per shard (default 1 MiB, so several shards): a real split has many more
+shards than DataLoader workers and each worker reads only its own; with a single shard every
+worker would read (and drop) the other workers' samples as well.
+
 Why transcode is the lever: sampling 1 fps inside a 250-frame GOP makes decord decode almost every
 frame up to each sampled one; after transcode every sampled frame is (near) a keyframe.
 """
@@ -22,6 +31,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=12)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--sample-fps", type=float, default=1.0)
+    p.add_argument("--shard-mb", type=float, default=1.0, help="shard size when packing (MiB)")
     p.add_argument("--work-dir", type=Path, default=None, help="corpus + shards (default: a temp dir, removed)")
     p.add_argument("--quick", action="store_true", help="3 clips of 6 s: a smoke run")
     return p
@@ -80,17 +91,36 @@ def make_corpus(root: Path, args) -> Path:
     return root / "bench.jsonl"
 
 
-def pack(manifest: Path, out: Path, transcode, workers: int) -> float:
+def pack(manifest: Path, out: Path, transcode, workers: int, shard_mb: float) -> float:
     from shards.manifest import ManifestCorpus
     from shards.writer import pack_split
 
     t0 = time.perf_counter()
     pack_split(ManifestCorpus(manifest, corpus="bench").samples("bench"), out, "bench", workers=workers,
-               transcode=transcode, progress=False)
+               transcode=transcode, progress=False, shard_bytes=max(1, int(shard_mb * 2**20)))
     return time.perf_counter() - t0
 
 
 # --- the three decoders --------------------------------------------------------------------------
+def _cpu_s(children: bool = False) -> float:
+    """CPU seconds (user + system) of this process, plus its reaped child processes when ``children``."""
+    who = [resource.RUSAGE_SELF] + ([resource.RUSAGE_CHILDREN] if children else [])
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, who))
+
+
+def _live_children_cpu_s() -> float:
+    """CPU seconds so far of this process's running children (the DataLoader workers), from /proc."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            except OSError:  # exited meanwhile: its CPU is already in RUSAGE_CHILDREN
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def _raw_samples(shard_dir: Path) -> list[dict]:
     from shards.stream import ShardStream
 
@@ -115,7 +145,7 @@ def bench_opencv(raws: list[dict], args) -> dict:
             paths.append(Path(tmp) / f"{raw['__key__']}.mp4")
             paths[-1].write_bytes(raw["mp4"])
         params = [cv2.CAP_PROP_N_THREADS, 1] if hasattr(cv2, "CAP_PROP_N_THREADS") else []
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_s()
         decoded = 0
         for path in paths:
             cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, params)
@@ -135,9 +165,9 @@ def bench_opencv(raws: list[dict], args) -> dict:
                 raise RuntimeError(f"OpenCV decoded no frame of {path}")
             pick = np.linspace(0, len(kept) - 1, min(args.max_frames, len(kept))).round().astype(int)
             np.stack([kept[j] for j in pick])
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
     return {"clips": len(raws), "seconds": dt, "clips_per_s": len(raws) / dt, "frames_decoded": decoded,
-            "per_core": len(raws) / dt}
+            "per_core": len(raws) / dt, "cpu_s": cpu, "per_cpu_s": len(raws) / cpu}
 
 
 def bench_decord(raws: list[dict], args) -> dict:
@@ -145,14 +175,15 @@ def bench_decord(raws: list[dict], args) -> dict:
 
     import decord
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_s()
     for raw in raws:
         reader = decord.VideoReader(io.BytesIO(raw["mp4"]), ctx=decord.cpu(0), num_threads=1)
         idx = np.clip(_indices_fn(args, json.loads(raw["json"]))(len(reader), reader.get_avg_fps()), 0,
                       len(reader) - 1)
         reader.get_batch(idx.tolist()).asnumpy()
-    dt = time.perf_counter() - t0
-    return {"clips": len(raws), "seconds": dt, "clips_per_s": len(raws) / dt, "per_core": len(raws) / dt}
+    dt, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
+    return {"clips": len(raws), "seconds": dt, "clips_per_s": len(raws) / dt, "per_core": len(raws) / dt,
+            "cpu_s": cpu, "per_cpu_s": len(raws) / cpu}
 
 
 def bench_pipeline(shard_dir: Path, args) -> dict:
@@ -165,18 +196,24 @@ def bench_pipeline(shard_dir: Path, args) -> dict:
                          samples_per_rank=max(args.pipeline_clips, 4 * args.batch_size * max(1, args.workers)))
     loader = build_loader(stream, batch_size=args.batch_size, max_words=32, num_workers=args.workers,
                           training=True, seed=0)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_s(children=True)
     first_at, first_n, clips = None, 0, 0
     for batch in loader:
         clips += batch["video"].shape[0]
         if first_at is None:
             first_at, first_n = time.perf_counter(), clips
+            cpu_first = _cpu_s(children=True) + _live_children_cpu_s()
     dt = time.perf_counter() - t0
+    # The workers have exited and been reaped by now, so RUSAGE_CHILDREN holds all of their CPU.
+    cpu_end = _cpu_s(children=True)
+    cpu, steady_cpu = cpu_end - cpu0, cpu_end - cpu_first if first_at is not None else cpu_end - cpu0
     steady_clips, steady_dt = clips - first_n, time.perf_counter() - (first_at or t0)
     cores = max(1, args.workers)
     steady = steady_clips / steady_dt if steady_clips and steady_dt > 0 else clips / dt
     return {"clips": clips, "workers": args.workers, "seconds": dt, "clips_per_s": clips / dt,
             "steady_clips_per_s": steady, "per_core": steady / cores, "first_batch_s": (first_at or t0) - t0,
+            "cpu_s": cpu, "steady_cpu_s": steady_cpu,
+            "per_cpu_s": steady_clips / steady_cpu if steady_clips and steady_cpu > 0 else clips / cpu,
             "skipped": {k: v for k, v in stream.counters.items() if v}}
 
 
@@ -206,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
         }
         for name, spec in (("original", None), ("transcoded", transcode)):
             shard_dir = work / f"shards-{name}"
-            pack_s = pack(manifest, shard_dir, spec, workers=min(2, args.workers))
+            pack_s = pack(manifest, shard_dir, spec, workers=min(2, args.workers), shard_mb=args.shard_mb)
             raws = _raw_samples(shard_dir)
             a, b, c = bench_opencv(raws, args), bench_decord(raws, args), bench_pipeline(shard_dir, args)
             results[name] = {
@@ -215,20 +252,29 @@ def run(args: argparse.Namespace) -> dict:
                 "opencv_every_frame": a, "decord_get_batch": b, "pipeline": c,
                 "pipeline_vs_opencv_per_core": c["per_core"] / a["per_core"],
                 "pipeline_vs_decord_per_core": c["per_core"] / b["per_core"],
+                "pipeline_vs_opencv_per_cpu_s": c["per_cpu_s"] / a["per_cpu_s"],
+                "pipeline_vs_decord_per_cpu_s": c["per_cpu_s"] / b["per_cpu_s"],
             }
         orig, tc = results["original"], results["transcoded"]
         results["transcoded_pipeline_vs_original_opencv_per_core"] = (
             tc["pipeline"]["per_core"] / orig["opencv_every_frame"]["per_core"])
+    results["load_average"] = os.getloadavg()
     _print_table(results)
     return results
 
 
 def _print_table(r: dict) -> None:
-    print(f"{'shards':<11} {'(a) opencv all':>15} {'(b) decord':>11} {'(c) ours/core':>14} {'c/a':>6} {'c/b':>6}")
+    print(f"{'':<11} {'clips/s per core (wall)':^43} | {'clips per CPU second':^43}")
+    cols = f"{'(a) opencv':>10} {'(b) decord':>10} {'(c) ours':>9} {'c/a':>5} {'c/b':>5}"
+    print(f"{'shards':<11} {cols} | {cols}")
     for name in ("original", "transcoded"):
         x = r[name]
-        print(f"{name:<11} {x['opencv_every_frame']['per_core']:>15.2f} {x['decord_get_batch']['per_core']:>11.2f} "
-              f"{x['pipeline']['per_core']:>14.2f} {x['pipeline_vs_opencv_per_core']:>6.2f} "
-              f"{x['pipeline_vs_decord_per_core']:>6.2f}")
-    print(f"clips/s per core; transcoded (c) vs original (a): "
-          f"{r['transcoded_pipeline_vs_original_opencv_per_core']:.2f}x")
+        row = []
+        for unit in ("per_core", "per_cpu_s"):
+            a, b, c = (x[k][unit] for k in ("opencv_every_frame", "decord_get_batch", "pipeline"))
+            row.append(f"{a:>10.2f} {b:>10.2f} {c:>9.2f} {c / a:>5.2f} {c / b:>5.2f}")
+        print(f"{name:<11} {row[0]} | {row[1]}")
+    ratio = r["transcoded_pipeline_vs_original_opencv_per_core"]
+    print(f"transcoded (c) vs original (a), wall per core: {ratio:.2f}x; load average during the run: "
+          f"{' '.join(f'{v:.1f}' for v in r['load_average'])} "
+          f"on {os.cpu_count()} cores")

@@ -1,0 +1,163 @@
+"""``launcher=ray``: a Ray Train ``TorchTrainer`` whose workers each run the same ``trainer.run.train``.
+
+The driver (this process: a local script, or the entrypoint of ``ray job submit``) packs the
+shards if needed, builds the Ray Data pipeline of the train split (``shards.ray_source``) and hands
+it to the trainer, which splits it equally across the workers. Ray Train brings up the gloo/nccl
+process group and sets RANK/WORLD_SIZE/LOCAL_RANK; ``trainer.distributed.init_distributed``
+adopts that group, and ``trainer.data.train_loader`` reads the worker's dataset shard
+(``RayTrainLoader``) instead of the local ``ShardStream``. Rank 0 logs to MLflow, as everywhere.
+
+Run: ``python -m trainer.ray_launcher launcher=ray [overrides]``, or
+``ray job submit --address http://<head>:8265 -- python -m trainer.ray_launcher launcher=ray ...``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+from trainer.cli import REPO_ROOT
+from trainer.config import DataConfig, ModelConfig, RootConfig
+from trainer.distributed import LAUNCHER_ENV, DistInfo
+
+TRAIN_DATASET = "train"
+
+
+class _RayStreamState:
+    """What the stage loops read from ``loader.stream``: the epoch and the skip counters."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.counters: dict[str, int] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class RayTrainLoader:
+    """A Ray Train worker's shard of the train dataset in the ``StreamLoader`` interface.
+
+    Each ``iter`` is one pass (epoch) over this worker's equal split; batches are dropped at the
+    tail so every rank takes the same number of steps (the loss gathers across ranks). Resume
+    restores the epoch only: Ray Data streaming has no exact mid-epoch position.
+    """
+
+    def __init__(self, dataset_shard, *, batch_size: int, num_samples: int, world_size: int, shuffle_buffer: int):
+        self.dataset_shard, self.batch_size = dataset_shard, batch_size
+        self.num_samples, self.world_size, self.shuffle_buffer = num_samples, world_size, shuffle_buffer
+        self.stream = _RayStreamState()
+
+    def __len__(self) -> int:
+        return max(1, self.num_samples // self.world_size // self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.stream.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.set_epoch(int(state.get("epoch", 0)))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from shards.ray_source import iter_train_batches
+
+        yield from iter_train_batches(self.dataset_shard, self.batch_size, drop_last=True,
+                                      local_shuffle_buffer_size=self.shuffle_buffer or None)
+        self.stream.epoch += 1
+
+
+def ray_train_loader(data: DataConfig, model: ModelConfig, dist: DistInfo, seed: int) -> RayTrainLoader:
+    """The data seam's Ray branch (``trainer.data.train_loader``), called inside a Ray Train worker."""
+    import ray.train
+
+    from shards.index import read_index
+
+    shard = ray.train.get_dataset_shard(TRAIN_DATASET)
+    if shard is None:
+        raise RuntimeError(f"no Ray Train dataset {TRAIN_DATASET!r} in this worker: start Ray runs through "
+                           "trainer/ray_launcher.py (launcher=ray), which passes it to the TorchTrainer")
+    total = int(read_index(Path(data.shards), data.train_split)["total_samples"])
+    return RayTrainLoader(shard, batch_size=data.batch_size, num_samples=total, world_size=dist.world_size,
+                          shuffle_buffer=data.shuffle_buffer)
+
+
+def _train_worker(config: dict) -> None:
+    """Body of each Ray Train worker: the ordinary training run on this worker's rank."""
+    from omegaconf import OmegaConf
+
+    from trainer.run import train
+
+    os.environ[LAUNCHER_ENV] = "ray"
+    # Typed again (RootConfig), as trainer.cli.compose returns it: run.train reads it as dataclasses.
+    train(OmegaConf.merge(OmegaConf.structured(RootConfig), config["cfg"]))
+
+
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
+
+
+def _worker_env_vars() -> dict[str, str]:
+    """Environment the workers and Ray Data tasks need: streamret importable from the repo, and
+    DeepSpeed's accelerator choice. Keys the submitted job's runtime env already sets are left to
+    it (Ray refuses a driver runtime env that redefines them)."""
+    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    if os.environ.get("DS_ACCELERATOR"):
+        env_vars["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    if JOB_CONFIG_ENV in os.environ:
+        job_env = (json.loads(os.environ[JOB_CONFIG_ENV]).get("runtime_env") or {}).get("env_vars") or {}
+        env_vars = {k: v for k, v in env_vars.items() if k not in job_env}
+    return env_vars
+
+
+def launch_ray(dcfg) -> None:
+    """Start the Ray Train job for config ``dcfg`` (``launcher=ray``) and wait for it."""
+    import ray
+    from omegaconf import OmegaConf
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from shards.ray_source import ray_dataset
+    from trainer.data import ensure_shards
+
+    cfg = OmegaConf.to_object(dcfg)
+    lc = cfg.launcher
+    ensure_shards(cfg.data, progress=cfg.run.progress)
+    if not ray.is_initialized():
+        ray.init(address=lc.address or None, runtime_env={"env_vars": _worker_env_vars()}, log_to_driver=True)
+    dataset = ray_dataset(Path(cfg.data.shards), cfg.data.train_split, max_frames=cfg.data.max_frames,
+                          image_size=cfg.model.image_size, sample_fps=cfg.data.sample_fps,
+                          max_words=cfg.data.max_words, seed=cfg.run.seed, num_actors=lc.decode_actors,
+                          use_gpu=lc.use_gpu)
+    storage = lc.storage_path or str(Path(cfg.run.dir) / "ray")
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"cfg": OmegaConf.to_container(dcfg, resolve=True)},
+        torch_config=TorchConfig(backend="nccl" if lc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,
+                                     resources_per_worker={"CPU": lc.cpus_per_worker}),
+        datasets={TRAIN_DATASET: dataset},
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage),
+    )
+    trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.cli import ConfigError, load_config
+
+    try:
+        cfg = load_config(argv)
+    except ConfigError as err:
+        print(err.message, file=sys.stderr)
+        return 2
+    if cfg.launcher.name != "ray":
+        print(f"error: trainer/ray_launcher.py needs launcher=ray (got launcher={cfg.launcher.name}); "
+              "use launch/train.py for local and deepspeed runs", file=sys.stderr)
+        return 2
+    from trainer.errors import user_errors
+
+    with user_errors():
+        launch_ray(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
