@@ -42,20 +42,58 @@ class PackReport:
                 f"quarantined {self.quarantined}" + (f" ({why})" if why else ""))
 
 
+class _RayTasks:
+    """The executor interface of ``ProcessPoolExecutor`` (``submit`` -> a future with ``result``)
+    on Ray tasks, so the same bounded, in-order loop packs on a Ray cluster."""
+
+    def __init__(self, address: str) -> None:
+        import ray
+
+        self._ray = ray
+        self._started = not ray.is_initialized()
+        if self._started:
+            ray.init(address=None if address == "local" else address, include_dashboard=False,
+                     log_to_driver=False)
+        self._task = ray.remote(prepare_sample)
+
+    def submit(self, fn, *args) -> "_RayFuture":
+        return _RayFuture(self._ray, self._task.remote(*args))
+
+    def __enter__(self) -> "_RayTasks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._started:
+            self._ray.shutdown()
+
+
+class _RayFuture:
+    def __init__(self, ray, ref) -> None:
+        self._ray, self._ref = ray, ref
+
+    def result(self):
+        return self._ray.get(self._ref)
+
+
 def _prepared(
-    records: Iterable[VideoSample | Quarantined], workers: int, transcode: Transcode | None
+    records: Iterable[VideoSample | Quarantined], workers: int, transcode: Transcode | None,
+    ray_address: str = "",
 ) -> Iterator[tuple[dict, bytes, str] | Quarantined]:
     """Probe (and transcode) samples, in order, with at most ``4 * workers`` in flight so memory
-    stays bounded however long the corpus is."""
+    stays bounded however long the corpus is: in ``workers`` local processes, or as Ray tasks
+    when ``ray_address`` names a cluster ("local" starts one in-process, "auto" joins the running one)."""
     def finish(item: VideoSample, out) -> tuple[dict, bytes, str] | Quarantined:
         return out if isinstance(out, Quarantined) else (out[0], out[1], item.key)
 
-    if workers <= 0:
+    if workers <= 0 and not ray_address:
         for record in records:
             yield record if isinstance(record, Quarantined) else finish(record, prepare_sample(record, transcode))
         return
+    workers = max(workers, 1)
     # spawn, not fork: the parent may hold torch / decord threads that fork would copy mid-lock.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    executor = (_RayTasks(ray_address) if ray_address
+                else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+    with executor as pool:
         pending: deque[tuple[VideoSample | Quarantined, Future | None]] = deque()
         for record in records:
             future = None if isinstance(record, Quarantined) else pool.submit(prepare_sample, record, transcode)
@@ -125,9 +163,11 @@ def pack_split(
     workers: int = 0,
     transcode: Transcode | None = None,
     progress: bool = True,
+    ray_address: str = "",
 ) -> PackReport:
     """Probe/transcode every sample, write ``<split>-NNNNNN.tar`` shards, ``<split>.index.json``
-    and ``<split>.quarantine.jsonl`` (always written, possibly empty) into ``out_dir``."""
+    and ``<split>.quarantine.jsonl`` (always written, possibly empty) into ``out_dir``. The probing
+    runs in ``workers`` processes, or as Ray tasks on ``ray_address``; the output is identical."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir / f".packing-{split}-{os.getpid()}"
@@ -138,7 +178,7 @@ def pack_split(
     seen_keys: set[str] = set()
     corpora: set[str] = set()
     try:
-        bar = tqdm(_prepared(records, workers, transcode), desc=f"pack {split}", unit="video", disable=not progress)
+        bar = tqdm(_prepared(records, workers, transcode, ray_address), desc=f"pack {split}", unit="video", disable=not progress)
         for item in bar:
             if isinstance(item, Quarantined):
                 quarantine.append(item)

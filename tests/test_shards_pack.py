@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -192,3 +193,19 @@ def test_transcode(tmp_path, clip_maker) -> None:
     with tarfile.open(tmp_path / "o" / "train-000000.tar") as tar:
         info = probe_video(tar.extractfile("v.mp4").read())
     assert (info.width, info.height, info.num_frames, info.fps) == (16, 16, 8, 4.0)
+
+
+@pytest.mark.slow
+def test_packing_as_ray_tasks_writes_the_same_shards(tmp_path, synthetic_corpus) -> None:
+    ray = pytest.importorskip("ray")
+    samples = ManifestCorpus(synthetic_corpus / "test.jsonl").samples("test")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(Path("/tmp") / f"srray{os.getpid()}"))
+    try:
+        report = pack_split(samples, tmp_path / "ray", "test", workers=2, ray_address="auto", progress=False)
+    finally:
+        ray.shutdown()
+    local = pack_split(ManifestCorpus(synthetic_corpus / "test.jsonl").samples("test"), tmp_path / "local", "test",
+                       progress=False)
+    assert report.packed == local.packed == 12
+    assert big_sha(tmp_path / "ray") == big_sha(tmp_path / "local")  # byte-identical shards

@@ -27,6 +27,7 @@ class SyntheticConfig:
 class PackConfig:
     shard_mb: int = 256
     workers: int = 2  # probe/transcode processes; 0 = in-process
+    ray_address: str = ""  # probe/transcode as Ray tasks instead: "auto" (running cluster), "local", or an address
     transcode_short_side: int = 0  # 0 = keep the original bytes
     transcode_fps: float = 0.0
     transcode_gop: int = 0

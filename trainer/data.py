@@ -55,7 +55,8 @@ def pack_corpus(data: DataConfig, splits: list[str], *, progress: bool, force: b
             continue
         reports.append(pack_split(corpus_records(data, split), Path(data.shards), split,
                                   shard_bytes=data.pack.shard_mb * 2**20, workers=data.pack.workers,
-                                  transcode=transcode_spec(data), progress=progress))
+                                  transcode=transcode_spec(data), progress=progress,
+                                  ray_address=data.pack.ray_address))
         if data.pack.verify:
             report = verify_split(Path(data.shards), split)
             if not report.ok:
