@@ -75,6 +75,12 @@ class ModelConfig:
     logit_scale_max: float = 100.0
     freeze_patch_embed: bool = True
     gen_tau: float = 1.0  # text-frame attention temperature inside the generator
+    # LAFF (method.md section 5): fuse several video features (raw CLIP frames, temporal frames,
+    # token-weighted frames) and text features (<eot>, token-weighted words) per head; its cosine
+    # similarity (mean over heads) is added to WTI's, and the loss is summed per head.
+    laff: bool = False
+    laff_dim: int = 2048
+    laff_heads: int = 8
 
 
 @dataclass

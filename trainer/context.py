@@ -38,7 +38,7 @@ class RunContext:
 
 
 SHAPE_KEYS = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers", "text_width",
-              "text_layers", "temporal_layers", "weight_mlp_hidden")
+              "text_layers", "temporal_layers", "weight_mlp_hidden", "laff", "laff_dim", "laff_heads")
 
 
 def shape_key(cfg: RootConfig) -> dict:

@@ -25,16 +25,21 @@ class FeatureBank:
     text_to_video: torch.Tensor  # [Nt] long
     video_ids: list[str]
     captions: list[str]
+    text_fused: torch.Tensor | None = None  # [Nt, H, d] LAFF heads (model.laff)
+    video_fused: torch.Tensor | None = None  # [Nv, H, d]
 
     @property
     def num_videos(self) -> int:
         return self.frames.shape[0]
 
     def text(self, idx: torch.Tensor | slice = slice(None)) -> TextFeatures:
-        return TextFeatures(self.words[idx].float(), self.word_weights[idx], self.word_mask[idx], self.sentence[idx].float())
+        fused = None if self.text_fused is None else self.text_fused[idx]
+        return TextFeatures(self.words[idx].float(), self.word_weights[idx], self.word_mask[idx],
+                            self.sentence[idx].float(), fused)
 
     def video(self, idx: torch.Tensor | slice = slice(None)) -> VideoFeatures:
-        return VideoFeatures(self.frames[idx].float(), self.frame_weights[idx], self.frame_mask[idx])
+        fused = None if self.video_fused is None else self.video_fused[idx]
+        return VideoFeatures(self.frames[idx].float(), self.frame_weights[idx], self.frame_mask[idx], fused)
 
     def random_caption_of(self, videos: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One caption index per video, uniformly among that video's captions."""
@@ -82,6 +87,8 @@ def encode_split(encoder: RetrievalEncoder, loader, tokenizer: CaptionTokenizer,
         raise RuntimeError(f"{desc}: the split yielded no samples; check its shards and quarantine log")
 
     def cat(items, name):
+        if getattr(items[0], name) is None:
+            return None
         return torch.cat([getattr(x, name) for x in items])
 
     return FeatureBank(
@@ -89,5 +96,5 @@ def encode_split(encoder: RetrievalEncoder, loader, tokenizer: CaptionTokenizer,
         word_mask=cat(texts, "mask"), sentence=cat(texts, "sentence").to(store_dtype),
         frames=cat(videos, "frames").to(store_dtype), frame_weights=cat(videos, "weights").float(),
         frame_mask=cat(videos, "mask"), text_to_video=torch.tensor(text_to_video, device=device),
-        video_ids=video_ids, captions=captions,
+        video_ids=video_ids, captions=captions, text_fused=cat(texts, "fused"), video_fused=cat(videos, "fused"),
     )

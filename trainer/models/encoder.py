@@ -15,6 +15,7 @@ from torch import nn
 from ops import wti_similarity
 from trainer.config import ModelConfig
 from trainer.models.clip import encode_words
+from trainer.models.laff import LAFF, multihead_similarity
 
 
 @dataclass
@@ -23,6 +24,8 @@ class TextFeatures:
     weights: torch.Tensor  # [B, Lw] softmax over real words, 0 at padding
     mask: torch.Tensor  # [B, Lw] bool
     sentence: torch.Tensor  # [B, D] L2-normalised word feature at <eot>
+    fused: torch.Tensor | None = None  # [B, H, d] LAFF heads (model.laff)
+    fusion_weights: torch.Tensor | None = None  # [B, H, k] LAFF attention over the k text features
 
 
 @dataclass
@@ -30,6 +33,18 @@ class VideoFeatures:
     frames: torch.Tensor  # [B, Lf, D] L2-normalised F'
     weights: torch.Tensor  # [B, Lf]
     mask: torch.Tensor  # [B, Lf] bool
+    fused: torch.Tensor | None = None  # [B, H, d] LAFF heads (model.laff)
+    fusion_weights: torch.Tensor | None = None  # [B, H, k] LAFF attention over the k video features
+
+
+# The features LAFF fuses, in order (their attention weights are logged under these names).
+VIDEO_FUSION_INPUTS = ("clip_frames", "temporal_frames", "weighted_frames")
+TEXT_FUSION_INPUTS = ("eot", "weighted_words")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(-2) / m.sum(-2).clamp(min=1)
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -85,6 +100,11 @@ class RetrievalEncoder(nn.Module):
         # Shape [1], not a scalar: DeepSpeed broadcasts parameters as bytes, which 0-d bf16 cannot be.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.logit_scale_init)))
         self.logit_scale_max = cfg.logit_scale_max
+        self.laff_video = self.laff_text = None
+        if cfg.laff:
+            d = cfg.embed_dim
+            self.laff_video = LAFF([d] * len(VIDEO_FUSION_INPUTS), cfg.laff_dim, cfg.laff_heads)
+            self.laff_text = LAFF([d] * len(TEXT_FUSION_INPUTS), cfg.laff_dim, cfg.laff_heads)
         # CLIP's own 0-d logit scale is unused (ours is above); drop it: DeepSpeed broadcasts
         # parameters as bytes, which a 0-d bf16 tensor cannot be viewed as.
         clip.logit_scale = None
@@ -96,23 +116,35 @@ class RetrievalEncoder(nn.Module):
         eot = ids.argmax(dim=-1)  # <eot> has the largest id in CLIP's vocabulary
         sentence = words[torch.arange(ids.shape[0], device=ids.device), eot]
         weights = masked_softmax(self.text_weight(words).squeeze(-1).float(), mask)
-        return TextFeatures(F.normalize(words, dim=-1), weights, mask, F.normalize(sentence, dim=-1))
+        fused = fusion = None
+        if self.laff_text is not None:
+            weighted = torch.einsum("bl,bld->bd", weights.to(words.dtype), words)
+            fused, fusion = self.laff_text([sentence, weighted])
+        return TextFeatures(F.normalize(words, dim=-1), weights, mask, F.normalize(sentence, dim=-1), fused, fusion)
 
     def encode_video(self, video: torch.Tensor, mask: torch.Tensor) -> VideoFeatures:
         b, t = video.shape[:2]
-        frames = self.clip.encode_image(video.flatten(0, 1)).view(b, t, -1)
-        frames = self.temporal(frames, mask)
+        clip_frames = self.clip.encode_image(video.flatten(0, 1)).view(b, t, -1)
+        frames = self.temporal(clip_frames, mask)
         weights = masked_softmax(self.video_weight(frames).squeeze(-1).float(), mask)
-        return VideoFeatures(F.normalize(frames, dim=-1), weights, mask)
+        fused = fusion = None
+        if self.laff_video is not None:
+            weighted = torch.einsum("bf,bfd->bd", weights.to(frames.dtype), frames)
+            fused, fusion = self.laff_video([masked_mean(clip_frames, mask), masked_mean(frames, mask), weighted])
+        return VideoFeatures(F.normalize(frames, dim=-1), weights, mask, fused, fusion)
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.logit_scale_max)
 
     @staticmethod
     def similarity(text: TextFeatures, video: VideoFeatures, block: int = 128) -> torch.Tensor:
-        """s [Nt, Nv], computed in fp32 blocks (ops.wti_similarity)."""
-        return wti_similarity(text.words.float(), text.weights, text.mask,
-                              video.frames.float(), video.weights, video.mask, block=block)
+        """s [Nt, Nv]: WTI in fp32 blocks (ops.wti_similarity), plus LAFF's mean-over-heads cosine
+        when the features carry fused heads."""
+        sim = wti_similarity(text.words.float(), text.weights, text.mask,
+                             video.frames.float(), video.weights, video.mask, block=block)
+        if text.fused is not None and video.fused is not None:
+            sim = sim + multihead_similarity(text.fused.float(), video.fused.float())[0]
+        return sim
 
     def clip_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.clip.parameters() if p.requires_grad]

@@ -19,6 +19,8 @@ from trainer.engine import build_engine, engine_dtype, learning_rates
 from trainer.config import ConConfig
 from trainer.losses import contrastive_loss
 from trainer.models import RetrievalEncoder, TextFeatures, VideoFeatures
+from trainer.models.encoder import TEXT_FUSION_INPUTS, VIDEO_FUSION_INPUTS
+from trainer.models.laff import multihead_similarity
 from trainer.models.momentum import FeatureQueue, MomentumTeacher, distilled_contrastive_loss
 
 
@@ -32,12 +34,12 @@ def gather_features(text: TextFeatures, video: VideoFeatures) -> tuple[TextFeatu
     """The candidate pool is the global batch: features from every rank, gradients flowing back."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return text, video
-    return (
-        TextFeatures(gather_with_grad(text.words), gather_with_grad(text.weights),
-                     gather_with_grad(text.mask), gather_with_grad(text.sentence)),
-        VideoFeatures(gather_with_grad(video.frames), gather_with_grad(video.weights),
-                      gather_with_grad(video.mask)),
-    )
+
+    def gather(feats):
+        return dataclasses.replace(feats, **{f.name: gather_with_grad(getattr(feats, f.name))
+                                             for f in dataclasses.fields(feats) if getattr(feats, f.name) is not None})
+
+    return gather(text), gather(video)
 
 
 class ContrastiveTask(nn.Module):
@@ -52,6 +54,9 @@ class ContrastiveTask(nn.Module):
         self.encoder = encoder
         self.teacher = MomentumTeacher(encoder, con.momentum_m) if con is not None and con.momentum else None
         self.alpha = con.distill_alpha if con is not None else 0.0
+        if self.teacher is not None and encoder.laff_video is not None:
+            raise ValueError("stage.con.momentum with model.laff is not supported yet: turn one of them off")
+        self.fusion_weights: dict[str, float] = {}  # mean LAFF attention per fused feature, for logging
         self.text_queue = self.video_queue = None
         if self.teacher is not None and con.queue_size > 0:
             dim = encoder.text_weight[0].in_features
@@ -68,6 +73,8 @@ class ContrastiveTask(nn.Module):
         t, v = gather_features(self.encoder.encode_text(text, text_mask), self.encoder.encode_video(video, video_mask))
         all_groups = gather_with_grad(groups) if torch.distributed.is_initialized() else groups
         scale = self.encoder.scale().float()
+        if t.fused is not None:
+            return self._laff_loss(t, v, scale, all_groups)
         if self.teacher is None:
             return contrastive_loss(self.encoder.similarity(t, v), scale, all_groups, all_groups)
         with torch.no_grad():
@@ -84,6 +91,18 @@ class ContrastiveTask(nn.Module):
             self.text_queue.push(words=tt.words, weights=tt.weights, mask=tt.mask, group=all_groups)
             self.video_queue.push(frames=tv.frames, weights=tv.weights, mask=tv.mask, group=all_groups)
         return (loss_t2v + loss_v2t) / 2
+
+    def _laff_loss(self, t: TextFeatures, v: VideoFeatures, scale: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """WTI's contrastive loss plus one per LAFF head (LAFF sums its loss over heads)."""
+        wti = self.encoder.similarity(dataclasses.replace(t, fused=None), dataclasses.replace(v, fused=None))
+        _, per_head = multihead_similarity(t.fused.float(), v.fused.float())
+        with torch.no_grad():
+            for side, names, weights in (("video", VIDEO_FUSION_INPUTS, v.fusion_weights),
+                                         ("text", TEXT_FUSION_INPUTS, t.fusion_weights)):
+                mean = weights.float().mean(dim=(0, 1))
+                self.fusion_weights.update({f"laff_{side}_{n}": float(w) for n, w in zip(names, mean)})
+        return contrastive_loss(wti, scale, groups, groups) + sum(
+            contrastive_loss(head, scale, groups, groups) for head in per_head)
 
     @staticmethod
     def _with_queue(student, teacher, groups, queue, tokens: str):
@@ -166,7 +185,8 @@ def train_con(ctx, encoder: RetrievalEncoder, resume: ResumePoint | None = None)
                 progress.set_postfix(loss=f"{loss:.3f}", epoch=loader.stream.epoch)
                 if step % con.log_every == 0 or step == total:
                     ctx.log("con", {"loss": loss, "epoch": loader.stream.epoch, "samples_seen": samples,
-                                    "logit_scale": encoder.scale().item(), **learning_rates(engine), **timer.read(),
+                                    "logit_scale": encoder.scale().item(), **task.fusion_weights,
+                                    **learning_rates(engine), **timer.read(),
                                     **{f"data_{k}": v for k, v in loader.stream.counters.items()}}, step)
                 if step >= total:
                     break
