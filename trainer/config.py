@@ -118,6 +118,9 @@ class GenConfig:
     schedule: str = "cosine"  # cosine | linear
     loss: str = "kl"  # kl | mse
     kl_scale: float = 100.0
+    # Keep the frozen encoder's train-split features on disk (<run_dir>/features/): a re-run or
+    # resumed stage gen with the same encoder and data reuses them instead of decoding video again.
+    cache_features: bool = True
     log_every: int = 10
 
 

@@ -4,7 +4,11 @@ One row per caption (texts) and one per video; ``text_to_video`` maps each capti
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -98,3 +102,21 @@ def encode_split(encoder: RetrievalEncoder, loader, tokenizer: CaptionTokenizer,
         frame_mask=cat(videos, "mask"), text_to_video=torch.tensor(text_to_video, device=device),
         video_ids=video_ids, captions=captions, text_fused=cat(texts, "fused"), video_fused=cat(videos, "fused"),
     )
+
+
+def cached_encode_split(cache_dir: Path | None, key: dict, encode) -> FeatureBank:
+    """``encode()`` once per ``key`` (the encoder weights' identity + the data that was encoded):
+    later calls with the same key load the saved bank instead of decoding video again."""
+    if cache_dir is None:
+        return encode()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir / f"features-{digest}.pt"
+    if path.is_file():
+        return FeatureBank(**torch.load(path, weights_only=False))
+    bank = encode()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # every rank may write it; each its own temp file
+    torch.save({f.name: getattr(bank, f.name) for f in fields(bank)}, tmp)
+    os.replace(tmp, path)
+    (cache_dir / f"features-{digest}.json").write_text(json.dumps(key, indent=2, sort_keys=True))
+    return bank

@@ -18,7 +18,7 @@ from trainer.context import RunContext, seed_everything, shape_key
 from trainer.data import ensure_shards, eval_loader, quarantine_counts
 from trainer.distributed import barrier, init_distributed
 from trainer.evaluate import Evaluation, evaluate_con, evaluate_dual_softmax, evaluate_qb_norm, evaluate_rerank
-from trainer.features import encode_split, limited
+from trainer.features import cached_encode_split, encode_split, limited
 from trainer.models import build_encoder
 from trainer.outputs import log_evaluation, write_outputs
 from trainer.stages.con import train_con
@@ -60,8 +60,12 @@ def train(dcfg: DictConfig) -> Evaluation:
         result, generators, e = Evaluation(), None, cfg.eval
         train_bank = None
         if "gen" in cfg.stage.run:  # stage gen trains on these; QB-Norm's querybank comes from them too
-            train_bank = encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.train_split), tokenizer,
-                                      dist.device, torch.float32, "cache train features", cfg.run.progress)
+            key = {"encoder": file_identity(con_path), "shards": cfg.data.shards, "split": cfg.data.train_split,
+                   "max_frames": cfg.data.max_frames, "max_words": cfg.data.max_words, "sample_fps": cfg.data.sample_fps}
+            train_bank = cached_encode_split(
+                run_dir / "features" if cfg.stage.gen.cache_features else None, key,
+                lambda: encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.train_split), tokenizer,
+                                     dist.device, torch.float32, "encode train features", cfg.run.progress))
         if dist.is_main:  # evaluation runs on rank 0; the others wait at the barrier
             test_bank = encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.test_split), tokenizer,
                                      dist.device, torch.float32, "encode test", cfg.run.progress)
@@ -88,6 +92,11 @@ def train(dcfg: DictConfig) -> Evaluation:
                 register(ctx, result, "gen" if generators is not None else "con", con_path)
         barrier()
     return result
+
+
+def file_identity(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def stage_gen_init(cfg: RootConfig, run_dir: Path, is_main: bool) -> Path:
