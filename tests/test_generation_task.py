@@ -1,0 +1,36 @@
+"""Stage gen's task on cached features: the loss trains the generators and nothing else."""
+import torch
+
+from tests.test_trainer_models import TINY
+from trainer.features import FeatureBank
+from trainer.models import build_encoder, build_generators
+from trainer.stages.gen import GenerationTask, alphas_cumprod, sample_pairs, stage1_similarity
+
+
+def bank_from_encoder(encoder, n_videos=6, frames=4, words=6) -> FeatureBank:
+    torch.manual_seed(0)
+    ids = torch.randint(1, 1000, (2 * n_videos, words))
+    ids[:, -1] = 49407
+    with torch.no_grad():
+        t = encoder.encode_text(ids, torch.ones_like(ids, dtype=torch.bool))
+        v = encoder.encode_video(torch.randn(n_videos, frames, 3, 32, 32), torch.ones(n_videos, frames, dtype=torch.bool))
+    return FeatureBank(t.words, t.weights, t.mask, t.sentence, v.frames, v.weights, v.mask,
+                       torch.arange(n_videos).repeat_interleave(2), [str(i) for i in range(n_videos)],
+                       [""] * (2 * n_videos))
+
+
+def test_gradient_reaches_only_the_generators():
+    encoder = build_encoder(TINY, max_frames=4).requires_grad_(False).eval()
+    bank = bank_from_encoder(encoder)
+    gens = build_generators(TINY)
+    task = GenerationTask(gens, alphas_cumprod("cosine", 10), "kl", 100.0)
+    rng = torch.Generator().manual_seed(0)
+    text_idx, video_idx = sample_pairs(bank, 4, rng)
+    assert len(set(video_idx.tolist())) == 4 and torch.equal(bank.text_to_video[text_idx], video_idx)
+    sim = stage1_similarity(encoder, bank, text_idx, video_idx)
+    loss, parts = task(sim, bank, text_idx, video_idx, 4, video_idx)
+    loss.backward()
+    assert torch.isfinite(loss) and set(parts) == {"loss_t2v", "loss_v2t"}
+    assert all(p.grad is not None for p in gens.parameters())
+    assert all(p.grad is None for p in encoder.parameters())
+    assert not sim.requires_grad
