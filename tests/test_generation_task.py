@@ -28,9 +28,21 @@ def test_gradient_reaches_only_the_generators():
     text_idx, video_idx = sample_pairs(bank, 4, rng)
     assert len(set(video_idx.tolist())) == 4 and torch.equal(bank.text_to_video[text_idx], video_idx)
     sim = stage1_similarity(encoder, bank, text_idx, video_idx)
-    loss, parts = task(sim, bank, text_idx, video_idx, 4, video_idx)
+    loss, parts = task(sim, bank, text_idx, video_idx, torch.arange(4), 4, video_idx)
     loss.backward()
     assert torch.isfinite(loss) and set(parts) == {"loss_t2v", "loss_v2t"}
     assert all(p.grad is not None for p in gens.parameters())
     assert all(p.grad is None for p in encoder.parameters())
     assert not sim.requires_grad
+
+
+def test_a_ranks_queries_draw_pools_from_the_whole_global_batch():
+    encoder = build_encoder(TINY, max_frames=4).requires_grad_(False).eval()
+    bank = bank_from_encoder(encoder)
+    task = GenerationTask(build_generators(TINY), alphas_cumprod("linear", 5), "mse", 100.0)
+    # a global batch of 6 pairs where this rank owns pairs 3..5; video 1 appears twice (two ranks drew it)
+    video_idx = torch.tensor([0, 1, 2, 1, 4, 5])
+    text_idx = torch.tensor([0, 2, 4, 3, 8, 10])
+    sim = stage1_similarity(encoder, bank, text_idx, video_idx)
+    loss, _ = task(sim, bank, text_idx, video_idx, torch.tensor([3, 4, 5]), 5, video_idx)
+    assert torch.isfinite(loss)

@@ -1,5 +1,6 @@
 """Stage ``gen``: the diffusion generator learns to denoise the one-hot distribution over a
-candidate pool (the positive plus the hardest negatives by stage-1 similarity), encoders frozen.
+candidate pool (the positive plus the hardest negatives by stage-1 similarity over the global
+batch of every rank), encoders frozen.
 
 The frozen encoders' features of the train split are computed once, so this stage
 never decodes video again.
@@ -40,13 +41,14 @@ class GenerationTask(nn.Module):
         self.kl_scale = kl_scale
 
     def forward(self, sim: torch.Tensor, bank: FeatureBank, text_idx: torch.Tensor, video_idx: torch.Tensor,
-                pool_size: int, groups: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        n = text_idx.shape[0]
-        arange = torch.arange(n, device=sim.device)
+                rows: torch.Tensor, pool_size: int, groups: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """sim [G, G]: stage-1 similarity of the global batch (pair i = text_idx[i], video_idx[i]);
+        this rank's queries are the pairs ``rows``; their pools come from the whole global batch."""
+        n = rows.shape[0]
         dtype = next(self.generators.parameters()).dtype
         losses = {}
         for direction, s in (("t2v", sim), ("v2t", sim.t())):
-            pools = mine_candidate_pools(s, arange, pool_size, groups, groups)  # [n, P], positive at 0
+            pools = mine_candidate_pools(s[rows], rows, pool_size, groups[rows], groups)  # [n, P], positive at 0
             # Shuffle columns so the positive's position carries no information.
             perm = torch.randperm(pool_size, device=sim.device)
             pools, positive = pools[:, perm], (perm == 0).nonzero()[0].expand(n)
@@ -55,11 +57,11 @@ class GenerationTask(nn.Module):
             x_t = q_sample(x0, k, self.abar, torch.randn_like(x0)).to(dtype)
             if direction == "t2v":
                 cand = video_idx[pools]
-                x0_hat = self.generators.t2v(bank.sentence[text_idx].to(dtype), bank.frames[cand].to(dtype),
+                x0_hat = self.generators.t2v(bank.sentence[text_idx[rows]].to(dtype), bank.frames[cand].to(dtype),
                                              bank.frame_mask[cand], x_t, k)
             else:
-                cand = text_idx[pools]
-                x0_hat = self.generators.v2t(bank.frames[video_idx].to(dtype), bank.frame_mask[video_idx],
+                cand, query = text_idx[pools], video_idx[rows]
+                x0_hat = self.generators.v2t(bank.frames[query].to(dtype), bank.frame_mask[query],
                                              bank.sentence[cand].to(dtype), x_t, k)
             losses[direction] = diffusion_loss(x0_hat.float(), positive, self.loss_kind, self.kl_scale)
         total = losses["t2v"] + losses["v2t"]
@@ -80,12 +82,26 @@ def stage1_similarity(encoder: RetrievalEncoder, bank: FeatureBank, text_idx: to
     return encoder.similarity(bank.text(text_idx), bank.video(video_idx))
 
 
+def global_batch(text_idx: torch.Tensor, video_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's pairs, concatenated, and the positions of this rank's. Every rank holds the same
+    feature bank (frozen encoder, whole train split), so only indices cross ranks."""
+    n = text_idx.shape[0]
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return text_idx, video_idx, torch.arange(n)
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    gathered = [torch.empty(2, n, dtype=torch.long) for _ in range(world)]
+    torch.distributed.all_gather(gathered, torch.stack([text_idx, video_idx]))
+    both = torch.cat(gathered, dim=1)
+    return both[0], both[1], torch.arange(rank * n, (rank + 1) * n)
+
+
 def generation_step(engine, encoder: RetrievalEncoder, bank: FeatureBank, batch_size: int, pool_size: int,
                     rng: torch.Generator) -> dict[str, float]:
-    text_idx, video_idx = sample_pairs(bank, batch_size, rng)
+    text_idx, video_idx, rows = global_batch(*sample_pairs(bank, batch_size, rng))
     sim = stage1_similarity(encoder, bank, text_idx, video_idx)
-    groups = video_idx  # one caption per video in the batch: its video index is its group
-    loss, parts = engine(sim, bank, text_idx, video_idx, min(pool_size, len(video_idx)), groups)
+    groups = video_idx  # a pair's group is its video: copies of one video are never each other's negatives
+    pool = min(pool_size, int(groups.unique().numel()))
+    loss, parts = engine(sim, bank, text_idx, video_idx, rows, pool, groups)
     engine.backward(loss)
     engine.step()
     return {"loss": loss.item(), **parts}
