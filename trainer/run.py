@@ -12,13 +12,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shards.tokenize import CaptionTokenizer
-from trainer.checkpoint import find_resume_point, load_export, load_into
+from trainer.checkpoint import ResumePoint, find_resume_point, load_export, load_into
 from trainer.config import RootConfig
 from trainer.context import RunContext, seed_everything, shape_key
 from trainer.data import ensure_shards, eval_loader, quarantine_counts
 from trainer.distributed import barrier, init_distributed
 from trainer.evaluate import Evaluation, evaluate_con, evaluate_dual_softmax, evaluate_qb_norm, evaluate_rerank
-from trainer.features import cached_encode_split, encode_split, limited
+from trainer.features import FeatureBank, cached_encode_split, encode_split, limited
 from trainer.models import build_encoder
 from trainer.outputs import log_evaluation, write_outputs
 from trainer.stages.con import train_con
@@ -30,10 +30,9 @@ def train(dcfg: DictConfig) -> Evaluation:
     cfg: RootConfig = OmegaConf.to_object(dcfg)
     dist = init_distributed(cfg.deepspeed.backend, cfg.run.device)
     seed_everything(cfg.run.seed + dist.rank)
-    run_dir = Path(cfg.run.dir)
-    started = time.time()
+    started, run_dir = time.time(), Path(cfg.run.dir)
     if dist.is_main:
-        ensure_shards(cfg.data, progress=cfg.run.progress)  # the synthetic corpus is made on first use
+        ensure_shards(cfg.data, progress=cfg.run.progress)  # checked before anything is written
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     resume = find_resume_point(cfg.run.resume, run_dir, shape_key(cfg))
@@ -45,53 +44,86 @@ def train(dcfg: DictConfig) -> Evaluation:
         tracker.log_params(flatten_params(OmegaConf.to_container(dcfg, resolve=True)))
         ctx.log("data", quarantine_counts(cfg.data), step=0)
         encoder = build_encoder(cfg.model, cfg.data.max_frames).to(dist.device)
-        con_done = resume is not None and (resume.stage == "gen" or resume.finished)
-        if "con" in cfg.stage.run and not con_done:
-            con_path = train_con(ctx, encoder, resume if resume and resume.stage == "con" else None)
-        elif "con" in cfg.stage.run:
-            con_path = run_dir / "con.pt"
-        else:
-            con_path = stage_gen_init(cfg, run_dir, dist.is_main)
-        # DeepSpeed cast the module to bf16 in place; reload the exact fp32 weights, frozen from here.
-        load_into(encoder.float(), load_export(con_path), "encoder.", con_path)
-        encoder.requires_grad_(False).eval()
-
-        tokenizer = CaptionTokenizer(cfg.data.max_words)
-        result, generators, e = Evaluation(), None, cfg.eval
-        train_bank = None
-        if "gen" in cfg.stage.run:  # stage gen trains on these; QB-Norm's querybank comes from them too
-            key = {"encoder": file_identity(con_path), "shards": cfg.data.shards, "split": cfg.data.train_split,
-                   "max_frames": cfg.data.max_frames, "max_words": cfg.data.max_words, "sample_fps": cfg.data.sample_fps}
-            train_bank = cached_encode_split(
-                run_dir / "features" if cfg.stage.gen.cache_features else None, key,
-                lambda: encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.train_split), tokenizer,
-                                     dist.device, torch.float32, "encode train features", cfg.run.progress))
-        if dist.is_main:  # evaluation runs on rank 0; the others wait at the barrier
-            test_bank = encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.test_split), tokenizer,
-                                     dist.device, torch.float32, "encode test", cfg.run.progress)
-            result = evaluate_con(encoder, test_bank, e.block)
-            evaluate_dual_softmax(result, test_bank.text_to_video, e.dual_softmax_temperature)
-            if e.qb_bank > 0:
-                querybank = train_bank if train_bank is not None else encode_split(
-                    encoder, limited(eval_loader(cfg.data, cfg.model, cfg.data.train_split), e.qb_bank), tokenizer,
-                    dist.device, torch.float32, "encode querybank", cfg.run.progress)
-                evaluate_qb_norm(result, encoder, test_bank, querybank, max_captions=e.qb_bank, k=e.qb_k,
-                                 beta=e.qb_beta, block=e.block)
-            for variant in result.metrics:
-                log_evaluation(ctx, result, variant, step=0)
+        con_path = stage_con(ctx, encoder, resume)
+        train_bank = train_features(ctx, encoder, con_path) if "gen" in cfg.stage.run else None
+        result, test_bank = evaluate_encoder(ctx, encoder, train_bank)
+        generators = None
         if "gen" in cfg.stage.run:
-            generators, abar = train_gen(ctx, encoder, train_bank,
-                                         resume if resume and resume.stage == "gen" and not resume.finished else None)
-            if dist.is_main:
-                evaluate_rerank(result, test_bank, generators, abar, topk=e.rerank_topk, alpha=e.rerank_alpha,
-                                steps=e.ddim_steps, seed=cfg.run.seed)
-                log_evaluation(ctx, result, "gen_rerank", step=0)
+            gen_resume = resume if resume and resume.stage == "gen" and not resume.finished else None
+            generators, abar = train_gen(ctx, encoder, train_bank, gen_resume)
+            evaluate_generator(ctx, result, test_bank, generators, abar)
         if dist.is_main:
             write_outputs(ctx, result, time.time() - started)
             if cfg.tracking.register and tracker.run_id:
                 register(ctx, result, "gen" if generators is not None else "con", con_path)
         barrier()
     return result
+
+
+def stage_con(ctx: RunContext, encoder, resume: ResumePoint | None) -> Path:
+    """Train stage con (or find its weights), then leave ``encoder`` frozen with the exact fp32
+    weights (DeepSpeed cast the module to bf16 in place). Returns the stage-con export."""
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    con_done = resume is not None and (resume.stage == "gen" or resume.finished)
+    if "con" in cfg.stage.run and not con_done:
+        con_path = train_con(ctx, encoder, resume if resume and resume.stage == "con" else None)
+    elif "con" in cfg.stage.run:
+        con_path = run_dir / "con.pt"
+    else:
+        con_path = stage_gen_init(cfg, run_dir, ctx.dist.is_main)
+    load_into(encoder.float(), load_export(con_path), "encoder.", con_path)
+    encoder.requires_grad_(False).eval()
+    return con_path
+
+
+def train_features(ctx: RunContext, encoder, con_path: Path) -> FeatureBank:
+    """The frozen encoder's features of the train split: what stage gen trains on (and QB-Norm's
+    querybank), cached on disk per (encoder, data) with ``stage.gen.cache_features``."""
+    cfg = ctx.cfg
+    key = {"encoder": file_identity(con_path), "shards": cfg.data.shards, "split": cfg.data.train_split,
+           "max_frames": cfg.data.max_frames, "max_words": cfg.data.max_words, "sample_fps": cfg.data.sample_fps}
+    return cached_encode_split(
+        ctx.run_dir / "features" if cfg.stage.gen.cache_features else None, key,
+        lambda: encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.train_split),
+                             CaptionTokenizer(cfg.data.max_words), ctx.dist.device, torch.float32,
+                             "encode train features", cfg.run.progress))
+
+
+def evaluate_encoder(ctx: RunContext, encoder, train_bank: FeatureBank | None
+                     ) -> tuple[Evaluation, FeatureBank | None]:
+    """Rank 0 (the others wait at the end-of-run barrier): the test split scored plain, with dual
+    softmax and with QB-Norm, each logged; returns the evaluation and the test features."""
+    if not ctx.dist.is_main:
+        return Evaluation(), None
+    cfg, e = ctx.cfg, ctx.cfg.eval
+    tokenizer = CaptionTokenizer(cfg.data.max_words)
+
+    def encode(split: str, desc: str, max_captions: int = 0) -> FeatureBank:
+        loader = eval_loader(cfg.data, cfg.model, split)
+        return encode_split(encoder, limited(loader, max_captions) if max_captions else loader, tokenizer,
+                            ctx.dist.device, torch.float32, desc, cfg.run.progress)
+
+    test_bank = encode(cfg.data.test_split, "encode test")
+    result = evaluate_con(encoder, test_bank, e.block)
+    evaluate_dual_softmax(result, test_bank.text_to_video, e.dual_softmax_temperature)
+    if e.qb_bank > 0:
+        querybank = train_bank if train_bank is not None else encode(cfg.data.train_split, "encode querybank", e.qb_bank)
+        evaluate_qb_norm(result, encoder, test_bank, querybank, max_captions=e.qb_bank, k=e.qb_k, beta=e.qb_beta,
+                         block=e.block)
+    for variant in result.metrics:
+        log_evaluation(ctx, result, variant, step=0)
+    return result, test_bank
+
+
+def evaluate_generator(ctx: RunContext, result: Evaluation, test_bank: FeatureBank | None, generators,
+                       abar: torch.Tensor) -> None:
+    """Rank 0: the generator re-ranks each query's top K of the stage-1 similarity."""
+    if not ctx.dist.is_main:
+        return
+    e = ctx.cfg.eval
+    evaluate_rerank(result, test_bank, generators, abar, topk=e.rerank_topk, alpha=e.rerank_alpha,
+                    steps=e.ddim_steps, seed=ctx.cfg.run.seed)
+    log_evaluation(ctx, result, "gen_rerank", step=0)
 
 
 def file_identity(path: Path) -> dict:
