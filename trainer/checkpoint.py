@@ -6,6 +6,11 @@ id) and each rank's RNG states. A tag counts only once its ``COMPLETE`` marker e
 ``latest`` is replaced atomically after that, so a crash mid-write never corrupts what resume
 finds. ``<run_dir>/<stage>.pt`` is the stage's exported fp32 weights plus the model config needed
 to rebuild them: what stage gen, eval.py and the registry load.
+
+Retention: the last ``keep_last`` complete tags, plus the best one by the metric the loop recorded
+in each marker (lower is better), named by ``<stage dir>/best``. The stages evaluate only after
+training, so that metric is the training loss of the saved step's batch (the global batch in stage
+con, rank 0's batch in stage gen): a noisy proxy, not an evaluation score.
 """
 from __future__ import annotations
 
@@ -90,39 +95,77 @@ def find_resume_point(resume: str, run_dir: Path, shape_key: dict) -> ResumePoin
     return point
 
 
-class CheckpointManager:
-    """Save/restore one stage's engine + client state; keep the last ``keep_last`` complete tags."""
+def retained_tags(complete: list[Path], keep_last: int) -> list[Path]:
+    """Of the complete tags (oldest first): the last ``keep_last``, and the best by recorded metric."""
+    keep = complete[-keep_last:] if keep_last > 0 else []
+    best = best_tag(complete)
+    return sorted(set(keep) | ({best} if best is not None else set()), key=lambda p: p.name)
 
-    def __init__(self, run_dir: Path, stage: str, keep_last: int, shapes: dict):
+
+def best_tag(complete: list[Path]) -> Path | None:
+    """The complete tag whose marker records the lowest ``metric`` (the later one on a tie); None if
+    no marker records one."""
+    scored = []
+    for tag in complete:
+        metric = json.loads((tag / MARKER).read_text()).get("metric")
+        if metric is not None:
+            scored.append((float(metric), tag.name, tag))
+    if not scored:
+        return None
+    low = min(m for m, _, _ in scored)
+    return max((t for m, _, t in scored if m == low), key=lambda p: p.name)
+
+
+class CheckpointManager:
+    """Save/restore one stage's engine + client state; keep the last ``keep_last`` complete tags and
+    the best by the metric passed to :meth:`save` (lower is better)."""
+
+    def __init__(self, run_dir: Path, stage: str, keep_last: int, shapes: dict, before_save=None):
         self.dir = run_dir / "checkpoints" / stage
         self.stage, self.keep_last, self.shapes = stage, max(1, keep_last), shapes
+        # Called first on every save: the metrics logger flushes, so a run killed right after a
+        # checkpoint has every step up to it in MLflow and the resumed run continues the history.
+        self.before_save = before_save
 
-    def save(self, engine, step: int, client_state: dict, *, finished: bool = False) -> Path:
+    def save(self, engine, step: int, client_state: dict, *, finished: bool = False,
+             metric: float | None = None) -> Path:
+        """Checkpoint ``step``; ``metric`` (lower is better, e.g. the step's training loss) makes the
+        tag a candidate for the best one, which pruning keeps besides the last ``keep_last``."""
         tag = f"step{step:08d}"
         tag_dir = self.dir / tag
         if (tag_dir / MARKER).is_file():
             return tag_dir  # this step is already saved (e.g. SIGTERM right after a periodic save)
+        if self.before_save is not None:
+            self.before_save()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), tag_dir / f"rng_rank{engine.global_rank}.pt")
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank's files are on disk before the marker
         if engine.global_rank == 0:
             marker = {"stage": self.stage, "step": step, "finished": finished, "shapes": self.shapes,
-                      "mlflow_run_id": client_state.get("mlflow_run_id")}
+                      "mlflow_run_id": client_state.get("mlflow_run_id"),
+                      "metric": None if metric is None else float(metric)}
             _atomic_write(tag_dir / MARKER, json.dumps(marker, indent=2))
             _atomic_write(self.dir / "latest", tag)
-            self._prune(keep=tag_dir)
+            self.prune(keep=tag_dir)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         return tag_dir
 
-    def _prune(self, keep: Path) -> None:
+    def prune(self, keep: Path | None = None) -> list[Path]:
+        """Delete complete tags that are neither among the last ``keep_last`` nor the best, and torn
+        ones (no marker) other than ``keep``; point ``best`` at the best tag. Returns what was deleted."""
         complete = complete_tags(self.dir)
-        for old in complete[:-self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for partial in self.dir.glob("step*"):  # torn writes of a crashed save
-            if partial != keep and not (partial / MARKER).is_file():
-                shutil.rmtree(partial, ignore_errors=True)
+        retained = retained_tags(complete, self.keep_last)
+        removed = [tag for tag in complete if tag not in retained]
+        removed += [p for p in self.dir.glob("step*")  # torn writes of a crashed save
+                    if p != keep and p not in complete]
+        for tag in removed:
+            shutil.rmtree(tag, ignore_errors=True)
+        best = best_tag(retained)
+        if best is not None:
+            _atomic_write(self.dir / "best", best.name)
+        return sorted(removed, key=lambda p: p.name)
 
     def restore(self, engine, point: ResumePoint) -> dict:
         """Load engine state from ``point``; returns our client state; restores this rank's RNG."""

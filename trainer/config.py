@@ -88,7 +88,7 @@ class ConConfig:
     """Stage ``con``: contrastive training of the encoders."""
 
     epochs: int = 5
-    max_steps: int = 0  # 0 = epochs decide
+    max_steps: int = 0  # optimizer steps (each deepspeed.grad_accum micro-batches); 0 = epochs decide
     lr: float = 1e-4
     clip_lr_coef: float = 1e-3  # CLIP parameters learn at lr * clip_lr_coef (pretrained weights only)
     weight_decay: float = 0.2
@@ -184,8 +184,8 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
     resume: str = "none"  # none | auto (newest complete checkpoint of run.dir) | <checkpoint dir>
-    checkpoint_every: int = 0  # steps; 0 = only at the end of each stage (and on SIGTERM/SIGINT)
-    keep_last: int = 2  # complete checkpoints kept per stage
+    checkpoint_every: int = 0  # optimizer steps; 0 = only at the end of each stage (and on SIGTERM/SIGINT)
+    keep_last: int = 2  # complete checkpoints kept per stage, plus the one with the lowest training loss
 
 
 @dataclass

@@ -50,7 +50,13 @@ def build_engine(model: nn.Module, param_groups: list[dict], ds: DeepSpeedConfig
                  total_steps: int, warmup_ratio: float, weight_decay: float):
     """-> DeepSpeed engine wrapping ``model``; ``param_groups`` are AdamW groups with their lr."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
+    # DeepSpeed's CPU accelerator has no fp16 kernels (is_fp16_supported() is falsy there); fail
+    # here, before initialize(), instead of deep inside the first fp16 step.
+    if ds.precision == "fp16" and not get_accelerator().is_fp16_supported():
+        raise ValueError(f"deepspeed.precision=fp16 needs a GPU; use bf16 or fp32 on CPU "
+                         f"(the {get_accelerator().device_name()!r} accelerator does not support fp16)")
     groups = [dict(g, weight_decay=g.get("weight_decay", weight_decay)) for g in param_groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
     engine, _, _, _ = deepspeed.initialize(

@@ -152,7 +152,9 @@ def train_con(ctx, encoder: RetrievalEncoder, resume: ResumePoint | None = None)
     """The stage-con loop: stream batches, step the engine, log, checkpoint; resumable exactly."""
     cfg, con = ctx.cfg, ctx.cfg.stage.con
     loader = train_loader(cfg.data, cfg.model, ctx.dist, cfg.run.seed)
-    total = con.max_steps or con.epochs * len(loader)
+    # Steps are optimiser steps (stage.con.max_steps, the LR schedule, logging, checkpoints): each
+    # takes deepspeed.grad_accum micro-batches of data.batch_size per rank.
+    total = con.max_steps or max(1, con.epochs * len(loader) // cfg.deepspeed.grad_accum)
     # The small CLIP learning rate protects pretrained weights; a randomly initialised CLIP
     # (model.weights unset: tests, the synthetic job) must learn at the full rate.
     clip_coef = con.clip_lr_coef if cfg.model.weights else 1.0
@@ -160,8 +162,9 @@ def train_con(ctx, encoder: RetrievalEncoder, resume: ResumePoint | None = None)
     engine = build_engine(task, param_groups(encoder, con.lr, clip_coef), cfg.deepspeed,
                           micro_batch=cfg.data.batch_size, total_steps=total, warmup_ratio=con.warmup_ratio,
                           weight_decay=con.weight_decay)
-    ckpt = CheckpointManager(ctx.run_dir, "con", cfg.run.keep_last, ctx.shapes)
+    ckpt = CheckpointManager(ctx.run_dir, "con", cfg.run.keep_last, ctx.shapes, before_save=ctx.tracker.flush)
     step = samples = 0
+    loss = None  # the latest step's, recorded with each checkpoint for best-tag retention
     if resume is not None:
         client = ckpt.restore(engine, resume)
         step, samples = client["step"], client["samples_seen"]
@@ -172,15 +175,20 @@ def train_con(ctx, encoder: RetrievalEncoder, resume: ResumePoint | None = None)
                 "mlflow_run_id": ctx.tracker.run_id}
 
     dtype, timer = engine_dtype(engine), StepTimer()
+    window: list[float] = []  # micro-batch losses of the optimiser step in progress
     progress = tqdm(total=total, initial=step, desc="stage con", disable=not (cfg.run.progress and ctx.dist.is_main))
     with GracefulStop() as stop:
         while step < total:
             for batch in loader:  # the rest of the current epoch; the next pass starts the next epoch
                 timer.data_ready()
-                loss = contrastive_step(engine, batch, dtype, ctx.dist.device)
-                step, n = step + 1, len(batch["video_id"]) * ctx.dist.world_size
+                boundary = engine.is_gradient_accumulation_boundary()
+                window.append(contrastive_step(engine, batch, dtype, ctx.dist.device))
+                n = len(batch["video_id"]) * ctx.dist.world_size
                 samples += n
                 timer.step_done(n)
+                if not boundary:
+                    continue  # checkpoint only between optimiser steps: DeepSpeed saves no partial gradients
+                step, loss, window = step + 1, sum(window) / len(window), []
                 progress.update()
                 progress.set_postfix(loss=f"{loss:.3f}", epoch=loader.stream.epoch)
                 if step % con.log_every == 0 or step == total:
@@ -191,11 +199,11 @@ def train_con(ctx, encoder: RetrievalEncoder, resume: ResumePoint | None = None)
                 if step >= total:
                     break
                 if stop.should_stop():
-                    ckpt.save(engine, step, state())
+                    ckpt.save(engine, step, state(), metric=loss)
                     raise Preempted(step)
                 if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
-                    ckpt.save(engine, step, state())
+                    ckpt.save(engine, step, state(), metric=loss)
     progress.close()
-    tag_dir = ckpt.save(engine, step, state(), finished=True)
+    tag_dir = ckpt.save(engine, step, state(), finished=True, metric=loss)
     return export_stage(engine, ckpt, tag_dir, ctx.run_dir,
                         export={"step": step, "model_config": asdict(cfg.model), "max_frames": cfg.data.max_frames})

@@ -120,9 +120,10 @@ def train_gen(ctx, encoder: RetrievalEncoder, bank: FeatureBank,
                           [{"params": list(generators.parameters()), "lr": gen.lr}], cfg.deepspeed,
                           micro_batch=gen.batch_size, total_steps=total, warmup_ratio=gen.warmup_ratio,
                           weight_decay=gen.weight_decay)
-    ckpt = CheckpointManager(ctx.run_dir, "gen", cfg.run.keep_last, ctx.shapes)
+    ckpt = CheckpointManager(ctx.run_dir, "gen", cfg.run.keep_last, ctx.shapes, before_save=ctx.tracker.flush)
     rng = torch.Generator().manual_seed(cfg.run.seed * 1000 + ctx.dist.rank)
     step = 0
+    metrics: dict[str, float] = {}  # the latest step's; its loss goes with each checkpoint
     if resume is not None:
         client = ckpt.restore(engine, resume)
         step = client["step"]
@@ -140,18 +141,21 @@ def train_gen(ctx, encoder: RetrievalEncoder, bank: FeatureBank,
     with GracefulStop() as stop:
         while step < total:
             timer.data_ready()
+            boundary = engine.is_gradient_accumulation_boundary()  # steps count optimizer updates
             metrics = generation_step(engine, encoder, bank, gen.batch_size, gen.pool_size, rng)
-            step += 1
             timer.step_done(min(gen.batch_size, bank.num_videos) * ctx.dist.world_size)
+            if not boundary:
+                continue
+            step += 1
             progress.update()
             if step % gen.log_every == 0 or step == total:
                 ctx.log("gen", {**metrics, **learning_rates(engine), **timer.read()}, step)
             if step < total and stop.should_stop():
-                ckpt.save(engine, step, state())
+                ckpt.save(engine, step, state(), metric=metrics.get("loss"))
                 raise Preempted(step)
             if step < total and cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
-                ckpt.save(engine, step, state())
+                ckpt.save(engine, step, state(), metric=metrics.get("loss"))
     progress.close()
-    tag_dir = ckpt.save(engine, step, state(), finished=True)
+    tag_dir = ckpt.save(engine, step, state(), finished=True, metric=metrics.get("loss"))
     export_stage(engine, ckpt, tag_dir, ctx.run_dir, export={"step": step, "model_config": asdict(cfg.model)})
     return engine.module.generators, abar
