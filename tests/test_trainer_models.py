@@ -123,3 +123,45 @@ def test_generator_masking_renormalises_over_real_frames():
         real = frames[i, mask[i]]
         w = torch.softmax(real @ q[i], dim=0)
         torch.testing.assert_close(got[i], w @ real)
+
+
+def test_generator_t2v_and_v2t_match_the_equations_of_method_section_3():
+    """Both directions against a direct per-candidate computation in float64."""
+
+
+    from trainer.models.generator import sinusoidal_embedding
+
+    torch.manual_seed(0)
+    d, k_cands, n_frames = 8, 3, 4
+    gens = build_generators(dataclasses.replace(TINY, embed_dim=d)).double().eval()
+    text = torch.randn(1, d, dtype=torch.float64)
+    frames = torch.randn(1, k_cands, n_frames, d, dtype=torch.float64)
+    mask = torch.tensor([[[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]], dtype=torch.bool)
+    x_t = torch.randn(1, k_cands, dtype=torch.float64)
+    step = torch.tensor([7])
+    g = gens.t2v
+    e = g.time_mlp(sinusoidal_embedding(step, d).double())[0]
+    pooled = []
+    for c in range(k_cands):
+        real = frames[0, c, mask[0, c]]
+        w = torch.softmax(real @ text[0] / g.tau, dim=0)
+        pooled.append(w @ real)
+    q = g.wq(text[0] + e)
+    logits = torch.stack([q @ g.wk(v + e) + x_t[0, c] for c, v in enumerate(pooled)])
+    a = torch.softmax(logits, dim=0)
+    h = g.wo(sum(a[c] * g.wv(v + e) for c, v in enumerate(pooled)))
+    expected = torch.stack([g.decoder(torch.cat([h, v]))[0] + a[c] for c, v in enumerate(pooled)])
+    torch.testing.assert_close(g(text, frames, mask, x_t, step)[0], expected)
+
+    # v2t: candidate texts attend over the query video's frames
+    g = gens.v2t
+    video, vmask = frames[:, 0], mask[:, 0]
+    cands = torch.randn(1, k_cands, d, dtype=torch.float64)
+    e = g.time_mlp(sinusoidal_embedding(step, d).double())[0]
+    real = video[0, vmask[0]]
+    pooled = [torch.softmax(real @ t / g.tau, dim=0) @ real for t in cands[0]]
+    logits = torch.stack([g.wq(v + e) @ g.wk(cands[0, c] + e) + x_t[0, c] for c, v in enumerate(pooled)])
+    a = torch.softmax(logits, dim=0)
+    h = g.wo(sum(a[c] * g.wv(cands[0, c] + e) for c in range(k_cands)))
+    expected = torch.stack([g.decoder(torch.cat([h, v]))[0] + a[c] for c, v in enumerate(pooled)])
+    torch.testing.assert_close(g(video, vmask, cands, x_t, step)[0], expected)
