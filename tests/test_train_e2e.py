@@ -95,3 +95,26 @@ def test_undeclared_config_key_is_one_clear_line(tmp_path):
     proc = train("stage.con.epoch=3", f"run.dir={tmp_path / 'run'}")
     _one_line_failure(proc, "epoch")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_mid_stage_evaluation_scores_checkpoints_and_keeps_the_best(synthetic_corpus, synthetic_shards, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from trainer.checkpoint import MARKER, best_tag, complete_tags
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = train("stage=con", f"data.root={synthetic_corpus}", f"data.shards={synthetic_shards}",
+                 f"run.dir={tmp_path / 'run'}", f"tracking.uri={uri}", "tracking.register=false", *TINY_RUN,
+                 "run.eval_every=2", "run.keep_last=1", "stage.con.max_steps=5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = json.loads((tmp_path / "run" / "metrics.json").read_text())["mlflow_run_id"]
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "eval/con/t2v_Rsum")
+    assert {m.step for m in history} >= {2, 4}  # evaluated at steps 2 and 4 (and after the stage)
+    stage_dir = tmp_path / "run" / "checkpoints" / "con"
+    scored = {t.name: json.loads((t / MARKER).read_text()).get("metric") for t in complete_tags(stage_dir)}
+    rsum = {m.step: m.value for m in history if m.step in (2, 4)}
+    best_step = max(rsum, key=lambda s: (rsum[s], s))
+    best = best_tag(complete_tags(stage_dir))
+    assert best.name == f"step{best_step:08d}" and scored[best.name] == pytest.approx(-rsum[best_step])
+    assert "step00000005" in scored  # the last one, kept beside the best

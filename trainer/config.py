@@ -185,7 +185,9 @@ class RunConfig:
     progress: bool = True
     resume: str = "none"  # none | auto (newest complete checkpoint of run.dir) | <checkpoint dir>
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end of each stage (and on SIGTERM/SIGINT)
-    keep_last: int = 2  # complete checkpoints kept per stage, plus the one with the lowest training loss
+    keep_last: int = 2  # complete checkpoints kept per stage, plus the best one (see eval_every)
+    eval_every: int = 0  # optimizer steps between mid-stage evaluations of stage con (0 = only after
+    # each stage); each one checkpoints, and `best` is then the best evaluated checkpoint (t2v Rsum)
 
 
 @dataclass

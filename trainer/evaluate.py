@@ -98,3 +98,27 @@ def evaluate_qb_norm(result: Evaluation, encoder: RetrievalEncoder, bank: Featur
     v2t = qb_norm(sim.t(), bank_v2t, k=min(k, sim.shape[0]), beta=beta).t()
     result.add("con_qb_norm", t2v, v2t, bank.text_to_video)
     return {"captions": n_text, "videos": querybank.num_videos, "k": k, "beta": beta}
+
+
+def evaluate_during_training(ctx, encoder: RetrievalEncoder, step: int, dtype: torch.dtype) -> float | None:
+    """Mid-stage evaluation (``run.eval_every``) of the encoder being trained: the test split scored
+    with stage-1 similarity on rank 0, logged as ``eval/con/*`` at this step. Returns t2v Rsum on
+    rank 0 (None elsewhere); every rank waits for it."""
+    from shards.tokenize import CaptionTokenizer
+    from trainer.data import eval_loader
+    from trainer.distributed import barrier
+    from trainer.features import encode_split
+
+    score = None
+    if ctx.dist.is_main:
+        cfg = ctx.cfg
+        was_training = encoder.training
+        bank = encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.test_split),
+                            CaptionTokenizer(cfg.data.max_words), ctx.dist.device, dtype, "evaluate", False)
+        encoder.train(was_training)
+        result = evaluate_con(encoder, bank, cfg.eval.block)
+        ctx.tracker.log_metrics({f"eval/con/{d}_{k}": v for d, m in result.metrics["con"].items()
+                                 for k, v in m.items()}, step=step)
+        score = result.metrics["con"]["t2v"]["Rsum"]
+    barrier()
+    return score

@@ -16,6 +16,7 @@ from trainer.checkpoint import CheckpointManager, GracefulStop, Preempted, Resum
 from trainer.context import StepTimer
 from trainer.data import train_loader
 from trainer.engine import build_engine, engine_dtype, learning_rates
+from trainer.evaluate import evaluate_during_training
 from trainer.config import ConConfig
 from trainer.losses import contrastive_loss
 from trainer.models import RetrievalEncoder, TextFeatures, VideoFeatures
@@ -163,6 +164,8 @@ def train_con(ctx, encoder: RetrievalEncoder, resume: ResumePoint | None = None)
                           micro_batch=cfg.data.batch_size, total_steps=total, warmup_ratio=con.warmup_ratio,
                           weight_decay=con.weight_decay)
     ckpt = CheckpointManager(ctx.run_dir, "con", cfg.run.keep_last, ctx.shapes, before_save=ctx.tracker.flush)
+    # Best checkpoint by eval (t2v Rsum) when the run evaluates mid-stage, else by training loss.
+    eval_every = cfg.run.eval_every
     step = samples = 0
     loss = None  # the latest step's, recorded with each checkpoint for best-tag retention
     if resume is not None:
@@ -199,11 +202,15 @@ def train_con(ctx, encoder: RetrievalEncoder, resume: ResumePoint | None = None)
                 if step >= total:
                     break
                 if stop.should_stop():
-                    ckpt.save(engine, step, state(), metric=loss)
+                    ckpt.save(engine, step, state(), metric=None if eval_every else loss)
                     raise Preempted(step)
-                if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
-                    ckpt.save(engine, step, state(), metric=loss)
+                if eval_every and step % eval_every == 0:
+                    # Checkpoint every evaluation, scored by it: `best` is then the best evaluated one.
+                    score = evaluate_during_training(ctx, encoder, step, dtype)
+                    ckpt.save(engine, step, state(), metric=None if score is None else -score)
+                elif cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+                    ckpt.save(engine, step, state(), metric=None if eval_every else loss)
     progress.close()
-    tag_dir = ckpt.save(engine, step, state(), finished=True, metric=loss)
+    tag_dir = ckpt.save(engine, step, state(), finished=True, metric=None if eval_every else loss)
     return export_stage(engine, ckpt, tag_dir, ctx.run_dir,
                         export={"step": step, "model_config": asdict(cfg.model), "max_frames": cfg.data.max_frames})
