@@ -126,3 +126,6 @@ def test_ray_job_submit_trains_with_ray_train_and_logs_to_mlflow(ray_cluster, sy
     # 2 workers x 4 per worker x 3 steps: both Ray Train ranks stepped on their own split.
     assert metrics["con/samples_seen"] == 3 * 2 * 4
     assert runs[0].data.params["launcher.name"] == "ray"
+    # each complete checkpoint was reported to Ray Train, which persisted it in its storage path
+    reported = [p for p in (tmp_path / "run" / "ray").rglob("checkpoint_*") if (p / "COMPLETE").is_file()]
+    assert reported, sorted(str(p) for p in (tmp_path / "run" / "ray").rglob("*"))[:20]

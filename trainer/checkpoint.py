@@ -120,12 +120,16 @@ class CheckpointManager:
     """Save/restore one stage's engine + client state; keep the last ``keep_last`` complete tags and
     the best by the metric passed to :meth:`save` (lower is better)."""
 
-    def __init__(self, run_dir: Path, stage: str, keep_last: int, shapes: dict, before_save=None):
+    def __init__(self, run_dir: Path, stage: str, keep_last: int, shapes: dict, before_save=None,
+                 after_save=None):
         self.dir = run_dir / "checkpoints" / stage
         self.stage, self.keep_last, self.shapes = stage, max(1, keep_last), shapes
         # Called first on every save: the metrics logger flushes, so a run killed right after a
         # checkpoint has every step up to it in MLflow and the resumed run continues the history.
         self.before_save = before_save
+        # Called last on every rank with (tag_dir, step): a launcher that tracks checkpoints
+        # itself (Ray Train) is told about each complete one.
+        self.after_save = after_save
 
     def save(self, engine, step: int, client_state: dict, *, finished: bool = False,
              metric: float | None = None) -> Path:
@@ -150,6 +154,8 @@ class CheckpointManager:
             self.prune(keep=tag_dir)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+        if self.after_save is not None:
+            self.after_save(tag_dir, step)
         return tag_dir
 
     def prune(self, keep: Path | None = None) -> list[Path]:

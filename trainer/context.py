@@ -7,6 +7,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ class RunContext:
     run_dir: Path
     tracker: object  # trainer.tracking.MetricsLogger (no-op off rank 0)
     shapes: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed
+    after_checkpoint: Callable[[Path, int], None] | None = None  # the launcher's hook (Ray Train reports)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
 
     def log(self, stage: str, metrics: dict[str, float], step: int) -> None:

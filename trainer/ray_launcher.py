@@ -81,6 +81,15 @@ def ray_train_loader(data: DataConfig, model: ModelConfig, dist: DistInfo, seed:
                           shuffle_buffer=data.shuffle_buffer)
 
 
+def report_checkpoint(tag_dir: Path, step: int) -> None:
+    """Tell Ray Train about a complete checkpoint (every worker must call ``report``; rank 0 hands
+    over the directory, which Ray Train persists under ``launcher.storage_path``)."""
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(tag_dir)) if ray.train.get_context().get_world_rank() == 0 else None
+    ray.train.report({"step": step, "stage": tag_dir.parent.name}, checkpoint=checkpoint)
+
+
 def _train_worker(config: dict) -> None:
     """Body of each Ray Train worker: the ordinary training run on this worker's rank."""
     from omegaconf import OmegaConf

@@ -39,7 +39,7 @@ def train(dcfg: DictConfig) -> Evaluation:
     tracker = MetricsLogger(cfg.tracking.uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.run.name,
                             run_id=resume.marker.get("mlflow_run_id") if resume else None, rank=dist.rank,
                             flush_every_s=cfg.tracking.flush_every_s, system_metrics=cfg.tracking.system_metrics)
-    ctx = RunContext(cfg, dist, run_dir, tracker, shapes=shape_key(cfg))
+    ctx = RunContext(cfg, dist, run_dir, tracker, shapes=shape_key(cfg), after_checkpoint=checkpoint_hook(dist))
     with tracker:
         tracker.log_params(flatten_params(OmegaConf.to_container(dcfg, resolve=True)))
         ctx.log("data", quarantine_counts(cfg.data), step=0)
@@ -124,6 +124,15 @@ def evaluate_generator(ctx: RunContext, result: Evaluation, test_bank: FeatureBa
     evaluate_rerank(result, test_bank, generators, abar, topk=e.rerank_topk, alpha=e.rerank_alpha,
                     steps=e.ddim_steps, seed=ctx.cfg.run.seed)
     log_evaluation(ctx, result, "gen_rerank", step=0)
+
+
+def checkpoint_hook(dist):
+    """Under Ray Train every complete checkpoint is also reported to it (``ray.train.report``)."""
+    if dist.launcher != "ray":
+        return None
+    from trainer.ray_launcher import report_checkpoint
+
+    return report_checkpoint
 
 
 def file_identity(path: Path) -> dict:

@@ -163,7 +163,8 @@ def train_con(ctx, encoder: RetrievalEncoder, resume: ResumePoint | None = None)
     engine = build_engine(task, param_groups(encoder, con.lr, clip_coef), cfg.deepspeed,
                           micro_batch=cfg.data.batch_size, total_steps=total, warmup_ratio=con.warmup_ratio,
                           weight_decay=con.weight_decay)
-    ckpt = CheckpointManager(ctx.run_dir, "con", cfg.run.keep_last, ctx.shapes, before_save=ctx.tracker.flush)
+    ckpt = CheckpointManager(ctx.run_dir, "con", cfg.run.keep_last, ctx.shapes, before_save=ctx.tracker.flush,
+                             after_save=ctx.after_checkpoint)
     # Best checkpoint by eval (t2v Rsum) when the run evaluates mid-stage, else by training loss.
     eval_every = cfg.run.eval_every
     step = samples = 0

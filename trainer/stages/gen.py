@@ -120,7 +120,8 @@ def train_gen(ctx, encoder: RetrievalEncoder, bank: FeatureBank,
                           [{"params": list(generators.parameters()), "lr": gen.lr}], cfg.deepspeed,
                           micro_batch=gen.batch_size, total_steps=total, warmup_ratio=gen.warmup_ratio,
                           weight_decay=gen.weight_decay)
-    ckpt = CheckpointManager(ctx.run_dir, "gen", cfg.run.keep_last, ctx.shapes, before_save=ctx.tracker.flush)
+    ckpt = CheckpointManager(ctx.run_dir, "gen", cfg.run.keep_last, ctx.shapes, before_save=ctx.tracker.flush,
+                             after_save=ctx.after_checkpoint)
     rng = torch.Generator().manual_seed(cfg.run.seed * 1000 + ctx.dist.rank)
     step = 0
     metrics: dict[str, float] = {}  # the latest step's; its loss goes with each checkpoint
