@@ -158,6 +158,11 @@ def _rank_main(rank: int, world: int, port: int, zero_stage: int, precision: str
         (Path(out_dir) / "report.json").write_text(json.dumps(report))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    # Skip interpreter teardown: a ZeRO-3 worker thread can be destroyed unjoined there, which
+    # aborts a process whose work (the report above) is already complete.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _full_shapes(engine) -> list[tuple[str, torch.Size]]:

@@ -140,7 +140,8 @@ def _columns(model_input: Any) -> dict[str, list]:
 
 def _row(features, i: int):
     """Row ``i`` of a TextFeatures / VideoFeatures, as a batch of one."""
-    return type(features)(**{f.name: getattr(features, f.name)[i:i + 1] for f in fields(features)})
+    return type(features)(**{f.name: None if getattr(features, f.name) is None else getattr(features, f.name)[i:i + 1]
+                             for f in fields(features)})
 
 
 class StreamretPyfunc(mlflow.pyfunc.PythonModel):
