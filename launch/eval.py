@@ -134,17 +134,13 @@ def log_to_mlflow(cfg, args: EvalArgs, result, json_path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        dcfg = compose(args.overrides)
-    except ConfigError as err:
-        print(err.message, file=sys.stderr)
-        return 2
-    from trainer.errors import user_errors
+    from trainer.errors import run_entry_point
 
-    with user_errors():
-        run_eval(args, dcfg)
-    return 0
+    def load():
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        return args, compose(args.overrides)
+
+    return run_entry_point(load, lambda loaded: run_eval(*loaded))
 
 
 if __name__ == "__main__":

@@ -6,27 +6,24 @@ synthetic corpus -> shards -> stage con -> stage gen -> evaluation -> MLflow.
 """
 import sys
 
-from trainer.cli import ConfigError, load_config
+from trainer.cli import load_config
 
 
 def main() -> int:
-    try:
-        cfg = load_config()
-    except ConfigError as err:
-        print(err.message, file=sys.stderr)
-        return 2
-    from trainer.errors import user_errors
+    from trainer.errors import run_entry_point
 
-    with user_errors():
-        if cfg.launcher.name == "ray":  # the driver: Ray Data pipeline + a Ray Train TorchTrainer
-            from trainer.ray_launcher import launch_ray
+    return run_entry_point(load_config, run)
 
-            launch_ray(cfg)
-        else:
-            from trainer.run import train
 
-            train(cfg)
-    return 0
+def run(cfg) -> None:
+    if cfg.launcher.name == "ray":  # the driver: Ray Data pipeline + a Ray Train TorchTrainer
+        from trainer.ray_launcher import launch_ray
+
+        launch_ray(cfg)
+    else:
+        from trainer.run import train
+
+        train(cfg)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from typing import Callable, TypeVar
 
 from shards.corpora.common import AnnotationError
 from shards.manifest import ManifestError
 from trainer.tracking import TrackingUnavailable
 
 USER_ERRORS = (FileNotFoundError, AnnotationError, ManifestError, TrackingUnavailable)
+Loaded = TypeVar("Loaded")
 
 
 @contextlib.contextmanager
@@ -19,3 +21,18 @@ def user_errors():
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def run_entry_point(load: Callable[[], Loaded], body: Callable[[Loaded], object]) -> int:
+    """An entry point's frame: ``load`` parses argv and composes the config (a ConfigError is one
+    line and exit 2), then ``body`` runs with user-input problems reported the same way."""
+    from trainer.cli import ConfigError
+
+    try:
+        loaded = load()
+    except ConfigError as err:
+        print(err.message, file=sys.stderr)
+        return 2
+    with user_errors():
+        body(loaded)
+    return 0
