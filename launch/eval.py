@@ -114,13 +114,8 @@ def run_eval(args: EvalArgs, dcfg) -> dict:
     return payload
 
 
-def eval_metric_names(metrics: dict) -> dict[str, float]:
-    """``eval/<variant>/<direction>_<metric>``, as training logs them (no '@' in MLflow names)."""
-    return {f"eval/{variant}/{direction}_{name}": value for variant, by_dir in metrics.items()
-            for direction, by_name in by_dir.items() for name, value in by_name.items()}
-
-
 def log_to_mlflow(cfg, args: EvalArgs, result, json_path: Path) -> None:
+    from trainer.evaluate import eval_metric_names
     from trainer.tracking import MetricsLogger
 
     e = cfg.eval

@@ -28,6 +28,13 @@ class Evaluation:
         self.ranks[f"{variant} v2t"] = v2t["v2t_ranks"].cpu()
 
 
+def eval_metric_names(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """MLflow-legal names for ``metrics[variant][direction][metric]``:
+    ``eval/<variant>/<direction>_<metric>``, e.g. ``eval/con/t2v_R1`` (no '@' in MLflow names)."""
+    return {f"eval/{variant}/{direction}_{name}": value for variant, by_dir in metrics.items()
+            for direction, by_name in by_dir.items() for name, value in by_name.items()}
+
+
 @torch.no_grad()
 def similarity_matrix(encoder: RetrievalEncoder, bank: FeatureBank, block: int) -> torch.Tensor:
     """Stage-1 WTI similarity of every caption against every video, in row blocks."""
@@ -117,8 +124,7 @@ def evaluate_during_training(ctx, encoder: RetrievalEncoder, step: int, dtype: t
                             CaptionTokenizer(cfg.data.max_words), ctx.dist.device, dtype, "evaluate", False)
         encoder.train(was_training)
         result = evaluate_con(encoder, bank, cfg.eval.block)
-        ctx.tracker.log_metrics({f"eval/con/{d}_{k}": v for d, m in result.metrics["con"].items()
-                                 for k, v in m.items()}, step=step)
+        ctx.tracker.log_metrics(eval_metric_names({"con": result.metrics["con"]}), step=step)
         score = result.metrics["con"]["t2v"]["Rsum"]
     barrier()
     return score

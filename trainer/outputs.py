@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from trainer.evaluate import Evaluation
+from trainer.evaluate import Evaluation, eval_metric_names
 from trainer.plots import plot_loss_curves, plot_rank_histograms, plot_recall_curves, plot_stage_comparison
 from trainer.report import summary_table, write_metrics_json
 
 
 def log_evaluation(ctx, result: Evaluation, variant: str, step: int) -> None:
-    """MLflow-legal names: ``eval/<variant>/<direction>_<metric>``, e.g. ``eval/con/t2v_R1``."""
-    ctx.tracker.log_metrics({f"eval/{variant}/{direction}_{name}": value
-                             for direction, metrics in result.metrics[variant].items()
-                             for name, value in metrics.items()}, step=step)
+    """One variant's metrics to MLflow (``eval/<variant>/<direction>_<metric>``) and a line on stdout."""
+    ctx.tracker.log_metrics(eval_metric_names({variant: result.metrics[variant]}), step=step)
     t2v = result.metrics[variant]["t2v"]
     print(f"eval {variant}: t2v R@1 {t2v['R1']:.1f} R@5 {t2v['R5']:.1f} R@10 {t2v['R10']:.1f} MdR {t2v['MdR']:.1f}")
 

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shards.tokenize import CaptionTokenizer
-from trainer.checkpoint import ResumePoint, find_resume_point, load_export, load_into
+from trainer.checkpoint import EXPORT_FORMAT, ResumePoint, find_resume_point, load_export, load_into
 from trainer.config import RootConfig
 from trainer.context import RunContext, seed_everything, shape_key
 from trainer.data import ensure_shards, eval_loader, quarantine_counts
@@ -152,7 +152,7 @@ def stage_gen_init(cfg: RootConfig, run_dir: Path, is_main: bool) -> Path:
         from trainer.registry import load_bundle
 
         bundle = load_bundle(init, tracking_uri=cfg.tracking.uri)
-        export = {"format": 1, "stage": "con", "source": init, "model_config": asdict(bundle.model_config),
+        export = {"format": EXPORT_FORMAT, "stage": "con", "source": init, "model_config": asdict(bundle.model_config),
                   "max_frames": bundle.max_frames,
                   "state_dict": {f"encoder.{k}": v for k, v in bundle.encoder.state_dict().items()}}
         torch.save(export, path)
