@@ -183,16 +183,21 @@ def big_sha(shard_dir: Path) -> str:
     return read_index(shard_dir, "test")["shards"][0]["sha256"]
 
 
-def test_transcode(tmp_path, clip_maker) -> None:
+@pytest.mark.parametrize("fastdecode", [True, False])
+def test_transcode(tmp_path, clip_maker, fastdecode) -> None:
     src = clip_maker(tmp_path / "v.mp4", frames=16, size=48, fps=8)
-    spec = Transcode(short_side=16, fps=4, gop=4)
+    spec = Transcode(short_side=16, fps=4, gop=4, fastdecode=fastdecode)
     report = pack_split([VideoSample("v", src, ["c"], "train", "t")], tmp_path / "o", "train",
                         transcode=spec, progress=False)
     assert report.packed == 1
-    assert read_index(tmp_path / "o", "train")["transcode"] == {"short_side": 16, "fps": 4, "gop": 4}
+    assert read_index(tmp_path / "o", "train")["transcode"] == {"short_side": 16, "fps": 4, "gop": 4,
+                                                                 "fastdecode": fastdecode}
     with tarfile.open(tmp_path / "o" / "train-000000.tar") as tar:
-        info = probe_video(tar.extractfile("v.mp4").read())
+        data = tar.extractfile("v.mp4").read()
+    info = probe_video(data)
     assert (info.width, info.height, info.num_frames, info.fps) == (16, 16, 8, 4.0)
+    # x264 writes its settings into the stream: fastdecode means CAVLC and no deblocking filter.
+    assert (b"cabac=0" in data, b"deblock=0" in data) == (fastdecode, fastdecode)
 
 
 @pytest.mark.slow

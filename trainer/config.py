@@ -31,6 +31,7 @@ class PackConfig:
     transcode_short_side: int = 0  # 0 = keep the original bytes
     transcode_fps: float = 0.0
     transcode_gop: int = 0
+    transcode_fastdecode: bool = True  # x264 tune=fastdecode: ~1.7x faster decord decode, ~14% larger
     verify: bool = False
     force: bool = False  # re-pack splits that already have shards
 

@@ -44,7 +44,8 @@ def transcode_spec(data: DataConfig) -> Transcode | None:
     p = data.pack
     if not p.transcode_short_side:
         return None
-    return Transcode(short_side=p.transcode_short_side, fps=int(p.transcode_fps or 8), gop=p.transcode_gop or 8)
+    return Transcode(short_side=p.transcode_short_side, fps=int(p.transcode_fps or 8), gop=p.transcode_gop or 8,
+                     fastdecode=p.transcode_fastdecode)
 
 
 def pack_corpus(data: DataConfig, splits: list[str], *, progress: bool, force: bool = False) -> list[PackReport]:
@@ -96,7 +97,7 @@ def train_loader(data: DataConfig, model: ModelConfig, dist: DistInfo, seed: int
                          image_size=model.image_size, sample_fps=data.sample_fps, training=True, seed=seed,
                          shuffle_buffer=data.shuffle_buffer, rank=dist.rank, world_size=dist.world_size)
     return build_loader(stream, batch_size=data.batch_size, max_words=data.max_words,
-                        num_workers=data.num_workers, training=True, seed=seed)
+                        num_workers=data.num_workers, training=True, seed=seed, normalise=False)
 
 
 def eval_loader(data: DataConfig, model: ModelConfig, split: str) -> "StreamLoader":
@@ -107,7 +108,7 @@ def eval_loader(data: DataConfig, model: ModelConfig, split: str) -> "StreamLoad
     stream = ShardStream(Path(data.shards), split, max_frames=data.max_frames, image_size=model.image_size,
                          sample_fps=data.sample_fps, training=False)
     return build_loader(stream, batch_size=data.eval_batch_size, max_words=data.max_words,
-                        num_workers=data.num_workers, training=False, seed=0)
+                        num_workers=data.num_workers, training=False, seed=0, normalise=False)
 
 
 __all__ = ["ShardsNotFound", "corpus_records", "ensure_shards", "eval_loader", "pack_corpus", "train_loader"]
