@@ -66,20 +66,17 @@ def parse_args(argv: list[str]) -> SearchArgs:
 
 
 def collect_frames(loader, wanted: set[str], n_frames: int) -> dict:
-    """uint8 [n, S, S, 3] frames (evenly spaced real frames) of the videos in ``wanted``."""
+    """uint8 [n, S, S, 3] frames (evenly spaced real frames) of the videos in ``wanted``; the
+    loader ships uint8 (``trainer.data.eval_loader``), so these are the model's pixels before normalising."""
     import torch
 
-    from shards.decode import CLIP_MEAN, CLIP_STD
-
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     found = {}
     for batch in loader:
         for video, mask, video_id in zip(batch["video"], batch["video_mask"], batch["video_id"]):
             if video_id in wanted and video_id not in found:
                 real = video[mask]
                 pick = torch.linspace(0, real.shape[0] - 1, min(n_frames, real.shape[0])).round().long()
-                pixels = (real[pick] * std + mean).clamp(0, 1).mul(255).byte()
-                found[video_id] = pixels.permute(0, 2, 3, 1).numpy()
+                found[video_id] = real[pick].permute(0, 2, 3, 1).numpy()
         if len(found) == len(wanted):
             break
     return found

@@ -2,8 +2,10 @@
 
 Batches are assembled inside the workers (collation and tokenisation included) and the
 DataLoader only forwards them (``batch_size=None``). Workers ship video as uint8 (resized and
-cropped: a quarter of the float32 bytes through shared memory) and the main process normalises
-each batch once, so ``batch["video"]`` is float32 CLIP-normalised all the same.
+cropped: a quarter of the float32 bytes through shared memory). With ``normalise=True`` the main
+process normalises each batch once, so ``batch["video"]`` is float32 CLIP-normalised; the trainer
+asks for ``normalise=False`` and normalises on its device (``shards.decode.video_to_device``),
+which keeps that pass off the cores that decode.
 
 The main process counts the batches it has handed out and writes that back into
 ``stream.samples_consumed``, so ``stream.state_dict()`` is
@@ -78,9 +80,9 @@ class _Batches(IterableDataset):
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """``torch.stack``; inside a DataLoader worker straight into shared memory, which the batch is
     sent through anyway (saves a copy of the batch, as torch's own default_collate does)."""
-    if get_worker_info() is None:
-        return torch.stack(tensors)
-    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype).share_memory_()
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype)  # contiguous, whatever the inputs' layout
+    if get_worker_info() is not None:
+        out.share_memory_()
     return torch.stack(tensors, out=out)
 
 
@@ -91,11 +93,12 @@ class StreamLoader:
     epoch; call ``stream.set_epoch`` to choose one explicitly."""
 
     def __init__(self, stream: ShardStream, *, batch_size: int, max_words: int, num_workers: int, training: bool,
-                 seed: int) -> None:
+                 seed: int, normalise: bool = True) -> None:
         if training != stream.training:
             raise ValueError(f"build_loader(training={training}) over a stream built with training={stream.training}")
         self.stream, self.batch_size, self.max_words = stream, batch_size, max_words
         self.num_workers, self.training, self.seed = num_workers, training, seed
+        self.normalise = normalise
         stream.batch_size, stream.num_workers = batch_size, num_workers
 
     def __len__(self) -> int:
@@ -128,14 +131,16 @@ class StreamLoader:
             stream.counters = {k: base.get(k, 0) + sum(d.get(k, 0) for d in latest.values())
                                for k in set(base) | {k for d in latest.values() for k in d}}
             size = batch.pop("_raw_size")
-            batch["video"] = stream.transform.normalise(batch["video"], batch["video_mask"])
+            if self.normalise:
+                batch["video"] = stream.transform.normalise(batch["video"], batch["video_mask"])
             if self.training:
                 stream.samples_consumed += size
             yield batch
 
 
 def build_loader(stream: ShardStream, *, batch_size: int, max_words: int, num_workers: int, training: bool,
-                 seed: int) -> StreamLoader:
-    """DataLoader over ``stream`` with exact, batch-granular resume via ``stream.state_dict()``."""
+                 seed: int, normalise: bool = True) -> StreamLoader:
+    """DataLoader over ``stream`` with exact, batch-granular resume via ``stream.state_dict()``.
+    ``normalise=False``: ``batch["video"]`` stays uint8, for ``shards.decode.video_to_device``."""
     return StreamLoader(stream, batch_size=batch_size, max_words=max_words, num_workers=num_workers,
-                        training=training, seed=seed)
+                        training=training, seed=seed, normalise=normalise)

@@ -138,3 +138,29 @@ def test_loader_workers_ship_uint8_and_batches_come_out_normalised(synthetic_sha
             assert torch.equal(mask, reference[key]["frame_mask"])
             seen += 1
     assert seen == len(reference) == 12
+
+
+def test_trainer_loader_ships_uint8_and_video_to_device_normalises_it(synthetic_shards) -> None:
+    """normalise=False (as trainer.data builds loaders): video stays uint8 and video_to_device turns it
+    into exactly what normalise=True yields, in the model's dtype; float input only moves."""
+    from shards.decode import video_to_device
+    from shards.loader import build_loader
+    from shards.stream import ShardStream
+
+    def batches(normalise: bool) -> list[dict]:
+        stream = ShardStream(synthetic_shards, "test", max_frames=3, image_size=16, training=False)
+        return list(build_loader(stream, batch_size=4, max_words=8, num_workers=1, training=False, seed=0,
+                                 normalise=normalise))
+
+    raw, normalised = batches(False), batches(True)
+    assert len(raw) == len(normalised) == 3
+    cpu = torch.device("cpu")
+    for r, n in zip(raw, normalised):
+        assert r["video"].dtype == torch.uint8 and r["key"] == n["key"]
+        assert torch.equal(video_to_device(r["video"], r["video_mask"], cpu, torch.float32), n["video"])
+        as_bf16 = video_to_device(r["video"], r["video_mask"], cpu, torch.bfloat16)
+        assert as_bf16.dtype == torch.bfloat16 and torch.equal(as_bf16, n["video"].to(torch.bfloat16))
+        assert torch.equal(video_to_device(n["video"], n["video_mask"], cpu, torch.float32), n["video"])
+        padded = ~r["video_mask"]
+        if padded.any():
+            assert not video_to_device(r["video"], r["video_mask"], cpu, torch.float32)[padded].any()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from shards.decode import video_to_device
 from shards.tokenize import CaptionTokenizer
 from trainer.models import RetrievalEncoder, TextFeatures, VideoFeatures
 
@@ -80,7 +81,8 @@ def encode_split(encoder: RetrievalEncoder, loader, tokenizer: CaptionTokenizer,
     video_ids: list[str] = []
     captions: list[str] = []
     for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
-        videos.append(encoder.encode_video(batch["video"].to(device, dtype), batch["video_mask"].to(device)))
+        videos.append(encoder.encode_video(video_to_device(batch["video"], batch["video_mask"], device, dtype),
+                                           batch["video_mask"].to(device)))
         for video_id, caps in zip(batch["video_id"], batch["captions"]):
             text_to_video.extend([len(video_ids)] * len(caps))
             video_ids.append(video_id)

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ops import gather_with_grad
+from shards.decode import video_to_device
 from trainer.checkpoint import CheckpointManager, GracefulStop, Preempted, ResumePoint, export_stage
 from trainer.context import StepTimer
 from trainer.data import train_loader
@@ -135,7 +136,7 @@ def param_groups(encoder: RetrievalEncoder, lr: float, clip_lr_coef: float) -> l
 def contrastive_step(engine, batch: dict, dtype: torch.dtype, device: torch.device) -> float:
     """One optimisation step; returns the loss."""
     loss = engine(
-        batch["video"].to(device, dtype, non_blocking=True),
+        video_to_device(batch["video"], batch["video_mask"], device, dtype),
         batch["video_mask"].to(device),
         batch["text"].to(device),
         batch["text_mask"].to(device),
