@@ -28,6 +28,7 @@ import ray
 import webdataset as wds
 
 from shards.index import read_index
+from shards.tarread import tar_members
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,12 @@ def read_shard_samples(row: dict[str, Any], counter) -> Iterator[dict[str, Any]]
     """Raw samples (``key``, ``mp4`` bytes, ``meta`` JSON text) of the shard at ``row["path"]``."""
     path = row["path"]
     try:
-        with open(path, "rb") as f:
-            members = ({**m, "__url__": path} for m in wds.tariterators.tar_file_iterator(f))
-            for sample in wds.tariterators.group_by_keys(members):
-                if "mp4" not in sample or "json" not in sample:
-                    counter.add.remote("incomplete_sample")
-                    log.warning("%s: sample %s lacks its mp4 or json member; skipped", path, sample.get("__key__"))
-                    continue
-                yield {"key": sample["__key__"], "mp4": sample["mp4"], "meta": sample["json"].decode("utf-8")}
+        for sample in wds.tariterators.group_by_keys(tar_members(path, path)):
+            if "mp4" not in sample or "json" not in sample:
+                counter.add.remote("incomplete_sample")
+                log.warning("%s: sample %s lacks its mp4 or json member; skipped", path, sample.get("__key__"))
+                continue
+            yield {"key": sample["__key__"], "mp4": sample["mp4"], "meta": sample["json"].decode("utf-8")}
     except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
         counter.add.remote("corrupt_shard")
         log.warning("%s: unreadable shard (%s: %s); skipped the rest of it. Run verify_split on its directory and "

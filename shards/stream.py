@@ -38,6 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.decode import ClipTransform, decode_frames, sample_frame_indices
 from shards.index import read_index
+from shards.tarread import tar_members
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +164,12 @@ class ShardStream(IterableDataset):
         tar yields the samples before the damage, then is counted and skipped."""
         path = self.shard_dir / name
         try:
-            with open(path, "rb") as f:
-                members = ({**m, "__url__": name} for m in wds.tariterators.tar_file_iterator(f))
-                for sample in wds.tariterators.group_by_keys(members):
-                    if "mp4" not in sample or "json" not in sample:
-                        self.counters["incomplete_sample"] += 1
-                        log.warning("%s: sample %s lacks its mp4 or json member; skipped", path, sample.get("__key__"))
-                        continue
-                    yield sample
+            for sample in wds.tariterators.group_by_keys(tar_members(path, name)):
+                if "mp4" not in sample or "json" not in sample:
+                    self.counters["incomplete_sample"] += 1
+                    log.warning("%s: sample %s lacks its mp4 or json member; skipped", path, sample.get("__key__"))
+                    continue
+                yield sample
         except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
             self.counters["corrupt_shard"] += 1
             log.warning("%s: unreadable shard (%s: %s); skipped the rest of it. Run verify_split on %s to check the "

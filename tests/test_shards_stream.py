@@ -194,3 +194,23 @@ def test_shard_that_disappears_mid_run_is_skipped_and_counted(synthetic_corpus, 
     ids = manifest_ids(synthetic_corpus, "train")
     assert s.counters["corrupt_shard"] == 1
     assert sorted(got) == sorted(ids[:14] + ids[21:])  # every sample of the other shards, none lost
+
+
+def test_tar_members_match_webdataset_and_stop_at_truncation(synthetic_shards, tmp_path) -> None:
+    """The seek-based reader yields exactly what webdataset's stream reader does; cut inside a
+    member, it yields the members before the cut and then raises."""
+    from shards.tarread import tar_members
+
+    shard = synthetic_shards / "train-000000.tar"
+    with open(shard, "rb") as f:
+        expected = [(m["fname"], m["data"]) for m in wds.tariterators.tar_file_iterator(f)]
+    got = [(m["fname"], m["data"]) for m in tar_members(shard, "x")]
+    assert got == expected and len(got) >= 4
+    data = shard.read_bytes()
+    cut = data.index(expected[2][1]) + len(expected[2][1]) // 2  # half of the third member's bytes
+    (tmp_path / "cut.tar").write_bytes(data[:cut])
+    reader, seen = tar_members(tmp_path / "cut.tar", "cut"), []
+    with pytest.raises(EOFError, match="cut short"):
+        for m in reader:
+            seen.append((m["fname"], m["data"]))
+    assert seen == expected[:2]
