@@ -10,11 +10,20 @@ padded cells set to 0, and
 The naive einsum materialises A whole: Nt x Nv x Lw x Lf floats, 17 GB at N=1024, L=64.
 `wti_similarity` computes s and its gradient tile by tile (text block x video block) and recomputes
 each tile in backward, so memory is O(inputs + one tile) whatever the pool size.
+
+The gradient of a tile flows only through its argmaxes: at most Lw + Lf of the Lw x Lf cells of
+each (text, video) pair, 3% at L=64. The "dense" backward scatters them into a zero tile and
+runs two matmuls (2x the forward's FLOPs); the "gather" backward sums just those rows with
+``embedding_bag``, which on CPU made the whole tile's backward 2x faster (N=256, L=64, d=512;
+``launch/bench.py ops``). On CUDA dense stays the default: tensor cores run the two matmuls in
+less time than the gathers move their 2 * block^2 * (Lw + Lf) * d floats (an estimate, not yet
+measured: no GPU in this project so far).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["wti_similarity", "wti_similarity_naive", "wti_topk"]
@@ -101,16 +110,47 @@ def _blocked_similarity(text: Tensor, text_weight: Tensor, text_mask: Tensor, vi
     return out
 
 
+def _bag_sum(bags: Tensor, rows: Tensor, weights: Tensor, table: Tensor, num_bags: int) -> Tensor:
+    """out[k] = sum of weights[e] * table[rows[e]] over the entries e with bags[e] == k."""
+    bags, order = bags.sort()
+    offsets = torch.zeros(num_bags, dtype=torch.long, device=table.device)
+    offsets[1:] = torch.bincount(bags, minlength=num_bags)[:-1].cumsum(0)
+    return F.embedding_bag(rows[order], table, offsets, mode="sum", per_sample_weights=weights[order])
+
+
+def _gather_tile_grads(j_star: Tensor, i_star: Tensor, coef_t2v: Tensor, coef_v2t: Tensor, text_flat: Tensor,
+                       video_flat: Tensor, need_text: bool, need_video: bool) -> tuple[Tensor | None, Tensor | None]:
+    """d_text [bt*Lw, d] and d_video [bv*Lf, d] of one tile from its argmaxes alone.
+
+    In the flattened tile (rows a*Lw + i, columns b*Lf + j), t2v puts coef_t2v[a,i,b] at column
+    b*Lf + j*[a,i,b] and v2t puts coef_v2t[a,b,j] at row a*Lw + i*[a,b,j]: that sparse d_A times
+    video (or its transpose times text) is what the dense backward computes with full matmuls."""
+    bt, lw, bv = j_star.shape
+    lf = i_star.shape[2]
+    dev = j_star.device
+    a_idx = torch.arange(bt, device=dev).view(bt, 1, 1)
+    rows_t2v = (a_idx * lw + torch.arange(lw, device=dev).view(1, lw, 1)).expand(bt, lw, bv)
+    cols_t2v = torch.arange(bv, device=dev).view(1, 1, bv) * lf + j_star
+    rows_v2t = a_idx * lw + i_star
+    cols_v2t = (torch.arange(bv, device=dev).view(1, bv, 1) * lf + torch.arange(lf, device=dev)).expand(bt, bv, lf)
+    rows = torch.cat([rows_t2v.reshape(-1), rows_v2t.reshape(-1)])
+    cols = torch.cat([cols_t2v.reshape(-1), cols_v2t.reshape(-1)])
+    weights = torch.cat([coef_t2v.reshape(-1), coef_v2t.reshape(-1)])
+    d_text = _bag_sum(rows, cols, weights, video_flat, bt * lw) if need_text else None
+    d_video = _bag_sum(cols, rows, weights, text_flat, bv * lf) if need_video else None
+    return d_text, d_video
+
+
 class _WTISimilarity(torch.autograd.Function):
     """Blocked WTI similarity; backward recomputes each tile instead of storing A."""
 
     @staticmethod
     def forward(ctx, text: Tensor, text_weight: Tensor, text_mask: Tensor, video: Tensor,
-                video_weight: Tensor, video_mask: Tensor, block: int) -> Tensor:
+                video_weight: Tensor, video_mask: Tensor, block: int, backward: str) -> Tensor:
         acc = _acc_dtype(text.dtype)
         tw, vw = text_weight.to(acc), video_weight.to(acc)
         ctx.save_for_backward(text, tw, text_mask, video, vw, video_mask)
-        ctx.block = block
+        ctx.block, ctx.gather = block, backward == "gather"
         ctx.dtypes = (text.dtype, text_weight.dtype, video.dtype, video_weight.dtype)
         return _blocked_similarity(text, tw, text_mask, video, vw, video_mask, block)
 
@@ -121,7 +161,7 @@ class _WTISimilarity(torch.autograd.Function):
         acc = tw.dtype
         nt, lw, d = text.shape
         nv, lf, _ = video.shape
-        need_text, need_tw, _, need_video, need_vw, _, _ = ctx.needs_input_grad
+        need_text, need_tw, _, need_video, need_vw, _, _, _ = ctx.needs_input_grad
         # s = (s_t2v + s_v2t) / 2, so every path carries half of the incoming gradient.
         g_all = grad_s.to(acc) * 0.5
         d_text = torch.zeros(nt, lw, d, dtype=acc, device=text.device) if need_text else None
@@ -149,6 +189,15 @@ class _WTISimilarity(torch.autograd.Function):
                     continue
                 coef_t2v = g.unsqueeze(1) * tw[t0:t1].unsqueeze(2)  # [bt, Lw, bv]
                 coef_v2t = g.unsqueeze(2) * vw[v0:v1].unsqueeze(0)  # [bt, bv, Lf]
+                if ctx.gather:
+                    del a, m_frames, m_words  # a tile's worth of memory, not needed past this point
+                    dt, dv = _gather_tile_grads(j_star, i_star, coef_t2v, coef_v2t, text_blk.reshape(bt * lw, d).to(acc),
+                                                video_blk.reshape(bv * lf, d).to(acc), need_text, need_video)
+                    if need_text:
+                        d_text[t0:t1] += dt.view(bt, lw, d)
+                    if need_video:
+                        d_video[v0:v1] += dv.view(bv, lf, d)
+                    continue
                 d_a = torch.zeros(a.shape, dtype=acc, device=a.device)
                 d_a.scatter_(3, j_star.unsqueeze(3), coef_t2v.unsqueeze(3))
                 d_a.scatter_add_(1, i_star.unsqueeze(1), coef_v2t.unsqueeze(1))
@@ -170,12 +219,15 @@ class _WTISimilarity(torch.autograd.Function):
             d_tw = d_tw.to(tw_dtype)
         if need_vw:
             d_vw = d_vw.to(vw_dtype)
-        return d_text, d_tw, None, d_video, d_vw, None, None
+        return d_text, d_tw, None, d_video, d_vw, None, None, None
+
+
+WTI_BACKWARDS = ("auto", "gather", "dense")
 
 
 def wti_similarity(text: Tensor, text_weight: Tensor, text_mask: Tensor,
                    video: Tensor, video_weight: Tensor, video_mask: Tensor,
-                   block: int = 128) -> Tensor:
+                   block: int = 128, backward: str = "auto") -> Tensor:
     """Blocked WTI similarity with a memory-light custom backward.
 
     text [Nt, Lw, d]: L2-normalised word features; text_weight [Nt, Lw]: softmax weights, 0 at
@@ -187,7 +239,10 @@ def wti_similarity(text: Tensor, text_weight: Tensor, text_mask: Tensor,
 
     Gradients flow to text, text_weight, video and video_weight; each max is differentiated
     through its argmax, as torch.max does. Memory: inputs, their gradients and one tile of
-    block x block x Lw x Lf floats (two in backward), never the whole A.
+    block x block x Lw x Lf floats (two in backward), never the whole A. ``backward``: "gather"
+    sums only the argmax rows (embedding_bag), "dense" scatters into a tile and uses matmuls,
+    "auto" = dense on CUDA, gather elsewhere (see the module docstring); both give the same
+    gradients up to summation order.
 
     Dtypes: tiles are produced and reduced in fp32 (fp64 for fp64 inputs): bf16 operands go
     through the fp32-output tensor-core matmul on CUDA and are upcast on CPU, and the gradient
@@ -201,7 +256,11 @@ def wti_similarity(text: Tensor, text_weight: Tensor, text_mask: Tensor,
     _check_inputs(text, text_weight, text_mask, video, video_weight, video_mask)
     if block < 1:
         raise ValueError(f"wti_similarity: block must be >= 1, got {block}")
-    return _WTISimilarity.apply(text, text_weight, text_mask, video, video_weight, video_mask, block)
+    if backward not in WTI_BACKWARDS:
+        raise ValueError(f"wti_similarity: backward must be one of {WTI_BACKWARDS}, got {backward!r}")
+    if backward == "auto":
+        backward = "dense" if text.is_cuda else "gather"
+    return _WTISimilarity.apply(text, text_weight, text_mask, video, video_weight, video_mask, block, backward)
 
 
 def wti_similarity_naive(text: Tensor, text_weight: Tensor, text_mask: Tensor,

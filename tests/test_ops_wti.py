@@ -21,15 +21,35 @@ def _grads(fn, text, tw, tm, video, vw, vm, grad_out, **kw):
     return (s, *torch.autograd.grad(s, (text, tw, video, vw), grad_out))
 
 
+BACKWARDS = ["gather", "dense"]
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("block", [1, 3, 4, 64])
-def test_matches_naive_float64_values_and_grads(block):
+def test_matches_naive_float64_values_and_grads(block, backward):
     text, tw, tm = _tokens(7, 5, 16, torch.float64, seed=0)
     video, vw, vm = _tokens(10, 6, 16, torch.float64, seed=1)
     grad_out = torch.randn(7, 10, dtype=torch.float64)
-    ours = _grads(wti_similarity, text, tw, tm, video, vw, vm, grad_out, block=block)
+    ours = _grads(wti_similarity, text, tw, tm, video, vw, vm, grad_out, block=block, backward=backward)
     ref = _grads(wti_similarity_naive, text, tw, tm, video, vw, vm, grad_out)
     for name, a, b in zip(("s", "d_text", "d_text_weight", "d_video", "d_video_weight"), ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_tied_maxima_route_the_gradient_like_torch_max(backward):
+    """Duplicated frames and words tie every max: each backward must pick the argmax torch.max
+    picks, as the naive version's autograd does, or the gradient lands on the wrong token."""
+    text, tw, tm = _tokens(4, 3, 8, torch.float64, seed=20, min_len=3)
+    video, vw, vm = _tokens(5, 3, 8, torch.float64, seed=21, min_len=3)
+    with torch.no_grad():
+        text[:, 2] = text[:, 0]
+        video[:, 1] = video[:, 0]
+    grad_out = torch.randn(4, 5, dtype=torch.float64)
+    ours = _grads(wti_similarity, text, tw, tm, video, vw, vm, grad_out, block=2, backward=backward)
+    ref = _grads(wti_similarity_naive, text, tw, tm, video, vw, vm, grad_out)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_masked_cells_count_as_zero():
@@ -46,21 +66,23 @@ def test_masked_cells_count_as_zero():
     torch.testing.assert_close(s, wti_similarity_naive(text, tw, tm, video, vw, vm))
 
 
-def test_padded_tokens_get_no_gradient():
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_padded_tokens_get_no_gradient(backward):
     text, tw, tm = _tokens(4, 6, 8, torch.float64, seed=2)
     video, vw, vm = _tokens(5, 7, 8, torch.float64, seed=3)
     assert (~tm).any() and (~vm).any()
-    d_text, d_video = torch.autograd.grad(wti_similarity(text, tw, tm, video, vw, vm, block=2).sum(),
-                                          (text, video))
+    d_text, d_video = torch.autograd.grad(
+        wti_similarity(text, tw, tm, video, vw, vm, block=2, backward=backward).sum(), (text, video))
     assert d_text[~tm].abs().max() == 0 and d_video[~vm].abs().max() == 0
     assert d_text[tm].abs().max() > 0 and d_video[vm].abs().max() > 0
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_gradcheck(backward):
     text, tw, tm = _tokens(3, 3, 4, torch.float64, seed=4)
     video, vw, vm = _tokens(4, 3, 4, torch.float64, seed=5)
     assert torch.autograd.gradcheck(
-        lambda t, a, v, b: wti_similarity(t, a, tm, v, b, vm, block=2), (text, tw, video, vw))
+        lambda t, a, v, b: wti_similarity(t, a, tm, v, b, vm, block=2, backward=backward), (text, tw, video, vw))
 
 
 def test_float32_matches_naive():
@@ -74,11 +96,12 @@ def test_float32_matches_naive():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_within_documented_tolerance():
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_bfloat16_within_documented_tolerance(backward):
     text, tw, tm = _tokens(8, 32, 512, torch.bfloat16, seed=8, min_len=8)
     video, vw, vm = _tokens(8, 32, 512, torch.bfloat16, seed=9, min_len=8)
     grad_out = torch.randn(8, 8)
-    ours = _grads(wti_similarity, text, tw, tm, video, vw, vm, grad_out, block=3)
+    ours = _grads(wti_similarity, text, tw, tm, video, vw, vm, grad_out, block=3, backward=backward)
     exact = [x.detach().double().requires_grad_() for x in (text, tw, video, vw)]
     ref = _grads(wti_similarity_naive, exact[0], exact[1], tm, exact[2], exact[3], vm, grad_out.double())
     assert ours[0].dtype == torch.float32, "bf16 inputs must give an fp32 similarity"
@@ -124,5 +147,7 @@ def test_shape_errors_name_the_argument():
         wti_similarity(text, tw, tm, video, vw[:, :2], vm)
     with pytest.raises(ValueError, match="bool"):
         wti_similarity(text, tw, tm.float(), video, vw, vm)
+    with pytest.raises(ValueError, match="backward must be one of"):
+        wti_similarity(text, tw, tm, video, vw, vm, backward="sparse")
     with pytest.raises(ValueError, match="k must be"):
         wti_topk(text, tw, tm, video, vw, vm, k=3)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ops.ddim import cosine_alphas_cumprod, rerank_topk
 from ops.metrics import retrieval_metrics
-from ops.wti import wti_similarity, wti_similarity_naive
+from ops.wti import WTI_BACKWARDS, wti_similarity, wti_similarity_naive
 
 GB = 1024 ** 3
 
@@ -39,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--tokens", type=int, default=64, help="Lw = Lf")
     p.add_argument("--block", type=int, default=128, help="wti_similarity tile size")
+    p.add_argument("--backward", default="auto", choices=WTI_BACKWARDS,
+                   help="wti_similarity backward: gather (CPU default), dense (CUDA default)")
     p.add_argument("--repeats", type=int, default=1, help="timed repetitions (best is reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1 on CUDA, 0 on CPU)")
     p.add_argument("--naive-budget-gb", type=float, default=8.0,
@@ -157,9 +159,10 @@ def _bench_wti(n: int, args, device: torch.device) -> dict[str, Any]:
         x.requires_grad_()
     leaves = (text, tw, tm, video, vw, vm)
     warmup = args.warmup if args.warmup is not None else (1 if device.type == "cuda" else 0)
-    row: dict[str, Any] = {"N": n, "L": L, "d": d, "block": args.block,
+    row: dict[str, Any] = {"N": n, "L": L, "d": d, "block": args.block, "backward": args.backward,
                            "inputs_bytes": sum(x.numel() * x.element_size() for x in leaves)}
-    ours = _time_fwd_bwd(wti_similarity, leaves, device, args.repeats, warmup, block=args.block)
+    ours = _time_fwd_bwd(wti_similarity, leaves, device, args.repeats, warmup, block=args.block,
+                         backward=args.backward)
     naive_a_bytes = n * n * L * L * 4
     row["naive_A_bytes"] = naive_a_bytes
     if naive_a_bytes > args.naive_budget_gb * GB:
@@ -259,7 +262,8 @@ def _fmt_bytes(b: float | None) -> str:
 
 
 def _print_table(results: dict[str, Any]) -> None:
-    print(f"device: {results['device']}  threads: {results['threads']}  ({results['memory_method']})")
+    print(f"device: {results['device']}  threads: {results['threads']}  ({results['memory_method']})  "
+          f"backward: {results['wti'][0]['backward'] if results['wti'] else '-'}")
     head = f"{'N':>6} | {'ours fwd+bwd':>12} {'ours peak':>9} | {'naive fwd+bwd':>13} {'naive peak':>10} | {'time o/n':>8} {'peak o/n':>8}"
     print(head)
     print("-" * len(head))
