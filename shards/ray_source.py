@@ -109,8 +109,8 @@ class DecodeClips:
                 self.counter.add.remote("decode_error")
                 log.warning("cannot decode sample %s (%s: %s); skipped", key, type(exn).__name__, exn)
                 continue
-            videos.append(video.numpy())
-            masks.append(mask.numpy())
+            videos.append(video.cpu().numpy())  # from the GPU when use_gpu
+            masks.append(mask.cpu().numpy())
             chosen.append(meta["captions"][pick_caption(meta["captions"], self.seed, self.epoch, str(key))])
             ids.append(meta["video_id"])
             keys.append(str(key))

@@ -151,3 +151,24 @@ def test_shape_errors_name_the_argument():
         wti_similarity(text, tw, tm, video, vw, vm, backward="sparse")
     with pytest.raises(ValueError, match="k must be"):
         wti_topk(text, tw, tm, video, vw, vm, k=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backward", ["auto", "gather"])
+def test_cuda_bfloat16_within_documented_tolerance(backward):
+    """On CUDA, bf16 tiles come out of the fp32-accumulating matmul ("auto" = dense backward, whose
+    d_A is rounded to bf16): the documented tolerance against fp64 on the host still holds."""
+    text, tw, tm = _tokens(8, 32, 512, torch.bfloat16, seed=8, min_len=8)
+    video, vw, vm = _tokens(8, 32, 512, torch.bfloat16, seed=9, min_len=8)
+    grad_out = torch.randn(8, 8)
+    cuda = [x.detach().cuda().requires_grad_(x.requires_grad) for x in (text, tw, video, vw)]
+    ours = _grads(wti_similarity, cuda[0], cuda[1], tm.cuda(), cuda[2], cuda[3], vm.cuda(), grad_out.cuda(),
+                  block=3, backward=backward)
+    exact = [x.detach().double().requires_grad_() for x in (text, tw, video, vw)]
+    ref = _grads(wti_similarity_naive, exact[0], exact[1], tm, exact[2], exact[3], vm, grad_out.double())
+    assert ours[0].dtype == torch.float32 and ours[0].is_cuda
+    assert (ours[0].double().cpu() - ref[0]).abs().max() < 1e-4
+    for a, b in zip(ours[1:], ref[1:]):
+        rel = (a.double().cpu() - b).norm() / b.norm()
+        assert a.dtype == torch.bfloat16 and rel < 1e-2, f"bf16 gradient relative error {rel:.3g}"

@@ -6,11 +6,14 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 ray = pytest.importorskip("ray")
 
+from shards.decode import CLIP_STD  # noqa: E402
 from shards.index import read_index  # noqa: E402
 from shards.ray_source import iter_train_batches, ray_dataset, skip_counts  # noqa: E402
 from shards.stream import ShardStream  # noqa: E402
@@ -92,3 +95,19 @@ def test_damaged_shards_are_skipped_and_counted(ray_cluster, shard_copy, bad_inp
     assert samples[2]["__key__"] not in {r["key"] for r in rows}
     assert len(rows) < read_index(shard_copy, "train")["total_samples"] - 1
     assert skip_counts(ds) == {"corrupt_shard": 1, "incomplete_sample": 0, "decode_error": 1}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU decode actors need CUDA")
+def test_gpu_decode_actors_match_cpu_actors(ray_cluster, synthetic_shards) -> None:
+    """use_gpu=True: decord on the host, resize + crop + normalise on the GPU, rows back in host
+    memory; the same rows as CPU actors up to resize rounding (the GPU resizes in float32)."""
+    cpu = {r["key"]: r for r in ray_dataset(synthetic_shards, "test", num_actors=1, **OPTS).take_all()}
+    gpu = {r["key"]: r for r in ray_dataset(synthetic_shards, "test", num_actors=1, use_gpu=True, **OPTS).take_all()}
+    assert sorted(cpu) == sorted(gpu) and len(cpu) == read_index(synthetic_shards, "test")["total_samples"]
+    for key, row in gpu.items():
+        assert row["video"].dtype.name == "float32" and row["video"].shape == cpu[key]["video"].shape
+        assert np.array_equal(row["video_mask"], cpu[key]["video_mask"])
+        assert np.array_equal(row["text"], cpu[key]["text"])
+        # rounding of the uint8 vs float resize: at most 8 grey levels (tests/test_shards_decode.py)
+        assert np.abs(row["video"] - cpu[key]["video"]).max() <= 8 / 255 / min(CLIP_STD) + 1e-4

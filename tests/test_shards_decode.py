@@ -164,3 +164,19 @@ def test_trainer_loader_ships_uint8_and_video_to_device_normalises_it(synthetic_
         padded = ~r["video_mask"]
         if padded.any():
             assert not video_to_device(r["video"], r["video_mask"], cpu, torch.float32)[padded].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_video_to_device_on_cuda_matches_cpu() -> None:
+    """uint8 crosses to the GPU and is normalised there: the same numbers as on the host."""
+    from shards.decode import video_to_device
+
+    g = torch.Generator().manual_seed(0)
+    video = torch.randint(0, 256, (2, 3, 3, 8, 8), generator=g, dtype=torch.uint8)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    host = video_to_device(video, mask, torch.device("cpu"), torch.float32)
+    on_gpu = video_to_device(video, mask, torch.device("cuda"), torch.bfloat16)
+    assert on_gpu.is_cuda and on_gpu.dtype == torch.bfloat16
+    torch.testing.assert_close(on_gpu.float().cpu(), host, atol=2e-2, rtol=1e-2)  # bf16 rounding
+    assert not on_gpu[~mask.cuda()].any()
