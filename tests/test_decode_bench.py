@@ -1,0 +1,24 @@
+"""launch/bench.py decode --quick: real clips, packed as-is and transcoded, through decord and the loader."""
+import json
+
+import pytest
+
+from launch.bench import main
+
+pytestmark = pytest.mark.slow  # DataLoader worker processes
+
+
+def test_decode_bench_quick_writes_json(tmp_path):
+    out = tmp_path / "decode.json"
+    main(["decode", "--quick", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["transcoded"]["transcode"] == {"short_side": 224, "fps": 8, "gop": 8, "fastdecode": True}
+    for name, fps in (("original", 25), ("transcoded", 8)):
+        x = saved[name]
+        assert x["decord_get_batch"]["clips"] >= 16 and x["decord_get_batch"]["per_cpu_s"] > 0
+        assert x["pipeline"]["clips"] >= 16 and x["pipeline"]["skipped"] == {}
+        assert x["pipeline_vs_decord_per_cpu_s"] > 0
+        if saved["reference_decoder"].startswith("opencv"):
+            assert x["opencv_every_frame"]["frames_decoded"] == 3 * 6 * fps  # every frame of 3 clips of 6 s
+        else:
+            assert x["opencv_every_frame"] is None and "bench" in saved["reference_decoder"]
