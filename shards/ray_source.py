@@ -33,7 +33,7 @@ from shards.tarread import tar_members
 log = logging.getLogger(__name__)
 
 DECODE_BATCH = 8  # samples per actor call: enough to amortise the call, small enough to stream
-SKIP_KINDS = ("corrupt_shard", "incomplete_sample", "decode_error")
+SKIP_KINDS = ("corrupt_shard", "short_shard", "incomplete_sample", "decode_error")
 
 
 @ray.remote(num_cpus=0)
@@ -51,10 +51,12 @@ class SkipCounter:
 
 
 def read_shard_samples(row: dict[str, Any], counter) -> Iterator[dict[str, Any]]:
-    """Raw samples (``key``, ``mp4`` bytes, ``meta`` JSON text) of the shard at ``row["path"]``."""
-    path = row["path"]
+    """Raw samples (``key``, ``mp4`` bytes, ``meta`` JSON text) of the shard at ``row["path"]``, which
+    its index says holds ``row["samples"]``."""
+    path, read = row["path"], 0
     try:
         for sample in wds.tariterators.group_by_keys(tar_members(path, path)):
+            read += 1
             if "mp4" not in sample or "json" not in sample:
                 counter.add.remote("incomplete_sample")
                 log.warning("%s: sample %s lacks its mp4 or json member; skipped", path, sample.get("__key__"))
@@ -64,6 +66,11 @@ def read_shard_samples(row: dict[str, Any], counter) -> Iterator[dict[str, Any]]
         counter.add.remote("corrupt_shard")
         log.warning("%s: unreadable shard (%s: %s); skipped the rest of it. Run verify_split on its directory and "
                     "re-pack damaged shards", path, type(exn).__name__, exn)
+        return
+    if read < row["samples"]:  # cut between members: a valid, shorter tar
+        counter.add.remote("short_shard")
+        log.warning("%s: %d samples but its index lists %d: the file ends early. Run verify_split on its directory "
+                    "and re-pack the split", path, read, row["samples"])
 
 
 class DecodeClips:
@@ -146,7 +153,7 @@ def ray_dataset(
     cluster needs ``num_actors`` CPUs (GPUs with ``use_gpu``) for decoding plus one for reading."""
     index = read_index(Path(shard_dir), split)  # raises ShardsNotFound with the fix
     counter = SkipCounter.remote()
-    paths = [{"path": str(Path(shard_dir) / s["name"])} for s in index["shards"]]
+    paths = [{"path": str(Path(shard_dir) / s["name"]), "samples": int(s["samples"])} for s in index["shards"]]
     dataset = (
         ray.data.from_items(paths, override_num_blocks=len(paths))
         .flat_map(read_shard_samples, fn_kwargs={"counter": counter})

@@ -89,7 +89,8 @@ class ShardStream(IterableDataset):
         self.transform = ClipTransform(image_size)
         self.epoch = 0
         self.samples_consumed = 0
-        self.counters: dict[str, int] = {"corrupt_shard": 0, "incomplete_sample": 0, "decode_error": 0, "starved": 0}
+        self.counters: dict[str, int] = {"corrupt_shard": 0, "short_shard": 0, "incomplete_sample": 0,
+                                         "decode_error": 0, "starved": 0}
         # Set by build_loader; standalone iteration is one "batch" per sample in one worker.
         self.batch_size, self.num_workers = 1, 0
         self._resume_layout: tuple[int | None, int] | None = None
@@ -163,8 +164,10 @@ class ShardStream(IterableDataset):
         """Raw samples (``__key__``, ``mp4``, ``json`` bytes) of one shard. A truncated or corrupt
         tar yields the samples before the damage, then is counted and skipped."""
         path = self.shard_dir / name
+        read = 0
         try:
             for sample in wds.tariterators.group_by_keys(tar_members(path, name)):
+                read += 1
                 if "mp4" not in sample or "json" not in sample:
                     self.counters["incomplete_sample"] += 1
                     log.warning("%s: sample %s lacks its mp4 or json member; skipped", path, sample.get("__key__"))
@@ -174,6 +177,13 @@ class ShardStream(IterableDataset):
             self.counters["corrupt_shard"] += 1
             log.warning("%s: unreadable shard (%s: %s); skipped the rest of it. Run verify_split on %s to check the "
                         "split, and re-pack it if shards are damaged", path, type(exn).__name__, exn, self.shard_dir)
+            return
+        # A tar cut exactly between members reads as a valid, shorter tar: only the index can tell.
+        if read < self.shard_sizes[name]:
+            self.counters["short_shard"] += 1
+            log.warning("%s: %d samples but %s.index.json lists %d: the file ends early (cut between members). "
+                        "Run verify_split on %s and re-pack the split", path, read, self.split,
+                        self.shard_sizes[name], self.shard_dir)
 
     def _one_pass(self, names: list[str], filters: list[tuple[int, int]]) -> Iterator[dict]:
         counters = [0] * len(filters)

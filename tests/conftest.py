@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny synthetic corpus, its packed shards, a real H.264 clip writer and
-helpers that make bad inputs (truncated tar, corrupt mp4 bytes, zero-frame video)."""
+helpers that make bad inputs (truncated tar, tar cut between members, corrupt mp4 bytes,
+zero-frame video)."""
 from __future__ import annotations
 
 import shutil
@@ -38,6 +39,27 @@ def truncate_file(src: Path, dst: Path, fraction: float = 0.5) -> Path:
     return Path(dst)
 
 
+def cut_between_members(path: Path, keep_samples: int) -> Path:
+    """Cut the tar at ``path`` in place right before the header of sample ``keep_samples``' first
+    member: what is left is a valid, shorter tar (no error on reading), as after a copy that
+    stopped on a member boundary."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        keys = []
+        for info in tar.getmembers():
+            key = info.name.split(".", 1)[0]
+            if key not in keys:
+                keys.append(key)
+                if len(keys) == keep_samples + 1:
+                    cut = info.offset
+                    break
+        else:
+            raise ValueError(f"{path} holds no more than {keep_samples} samples")
+    Path(path).write_bytes(Path(path).read_bytes()[:cut])
+    return Path(path)
+
+
 def corrupt_mp4_bytes(data: bytes) -> bytes:
     """Same length, but the container header and the start of the stream are garbage."""
     rng = np.random.default_rng(0)
@@ -65,8 +87,8 @@ def clip_maker():
 
 @pytest.fixture(scope="session")
 def bad_inputs():
-    return SimpleNamespace(truncate_file=truncate_file, corrupt_mp4_bytes=corrupt_mp4_bytes,
-                           write_zero_frame_video=write_zero_frame_video)
+    return SimpleNamespace(truncate_file=truncate_file, cut_between_members=cut_between_members,
+                           corrupt_mp4_bytes=corrupt_mp4_bytes, write_zero_frame_video=write_zero_frame_video)
 
 
 @pytest.fixture(scope="session")

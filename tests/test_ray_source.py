@@ -64,7 +64,7 @@ def test_rows_match_index_shapes_and_captions(ray_cluster, synthetic_shards) -> 
         n = int(row["text_mask"].sum())
         candidates = [tokenizer([c])[0][0, :n].tolist() for c in captions]
         assert row["text"][:n].tolist() in candidates
-    assert skip_counts(ds) == {"corrupt_shard": 0, "incomplete_sample": 0, "decode_error": 0}
+    assert skip_counts(ds) == {"corrupt_shard": 0, "short_shard": 0, "incomplete_sample": 0, "decode_error": 0}
 
     batches = list(iter_train_batches(decoded, batch_size=8))
     assert [b["video"].shape[0] for b in batches] == [8, 8, 8]
@@ -76,7 +76,7 @@ def test_rows_match_index_shapes_and_captions(ray_cluster, synthetic_shards) -> 
 
 def test_damaged_shards_are_skipped_and_counted(ray_cluster, shard_copy, bad_inputs) -> None:
     shards = read_index(shard_copy, "train")["shards"]
-    # shard 0: cut in half mid-member; shard 1: one sample's mp4 bytes replaced by garbage
+    # shard 0: cut in half mid-member; shard 1: one sample's mp4 bytes replaced by garbage; shard 2 below
     truncated = shard_copy / shards[0]["name"]
     bad_inputs.truncate_file(truncated, truncated, fraction=0.5)
     damaged = shard_copy / shards[1]["name"]
@@ -86,15 +86,16 @@ def test_damaged_shards_are_skipped_and_counted(ray_cluster, shard_copy, bad_inp
     with wds.TarWriter(str(damaged), mtime=0) as sink:
         for s in samples:
             sink.write({"__key__": s["__key__"], "mp4": s["mp4"], "json": s["json"]})
+    bad_inputs.cut_between_members(shard_copy / shards[2]["name"], keep_samples=1)  # shard 2: a shorter, valid tar
 
     expected, counters = _stream_keys(shard_copy, "train")
-    assert counters["corrupt_shard"] == 1 and counters["decode_error"] == 1
+    assert counters["corrupt_shard"] == 1 and counters["decode_error"] == 1 and counters["short_shard"] == 1
     ds = ray_dataset(shard_copy, "train", num_actors=2, **OPTS)
     rows = ds.take_all()
     assert sorted(r["key"] for r in rows) == sorted(expected)
     assert samples[2]["__key__"] not in {r["key"] for r in rows}
     assert len(rows) < read_index(shard_copy, "train")["total_samples"] - 1
-    assert skip_counts(ds) == {"corrupt_shard": 1, "incomplete_sample": 0, "decode_error": 1}
+    assert skip_counts(ds) == {"corrupt_shard": 1, "short_shard": 1, "incomplete_sample": 0, "decode_error": 1}
 
 
 @pytest.mark.gpu

@@ -168,6 +168,16 @@ def test_corrupt_shard_is_skipped_and_counted(synthetic_corpus, shard_copy, bad_
     assert len([x["key"] for x in t]) == 24 and t.counters["corrupt_shard"] >= 1
 
 
+def test_shard_cut_between_members_is_counted_against_the_index(synthetic_corpus, shard_copy, bad_inputs) -> None:
+    """A tar cut on a member boundary reads without error; the index's count exposes it."""
+    bad_inputs.cut_between_members(shard_copy / "train-000001.tar", keep_samples=3)
+    s = stream(shard_copy, training=False)
+    got = [x["key"] for x in s]
+    assert s.counters["short_shard"] == 1 and s.counters["corrupt_shard"] == 0
+    ids = manifest_ids(synthetic_corpus, "train")
+    assert len(got) == 24 - 4 and set(ids[:10] + ids[14:]) == set(got)
+
+
 def test_undecodable_mp4_is_skipped_and_counted(tmp_path, clip_maker, bad_inputs) -> None:
     good = clip_maker(tmp_path / "g.mp4").read_bytes()
     meta = {"video_id": "v", "captions": ["c"], "split": "train", "corpus": "t", "start": None, "end": None,
