@@ -94,6 +94,7 @@ def _test_batch(shards: Path, model_config, max_frames: int, settings):
 
 @torch.no_grad()
 def test_load_by_alias_gives_the_runs_model(trained, synthetic_shards):
+    from shards.decode import video_to_device
     from shards.tokenize import CaptionTokenizer
     from trainer.registry import load_bundle, load_registered, register_stage
 
@@ -109,7 +110,8 @@ def test_load_by_alias_gives_the_runs_model(trained, synthetic_shards):
     scores = {}
     for key, enc in (("registry", encoder), ("export", ref_encoder)):
         text = enc.encode_text(ids, mask)
-        video = enc.encode_video(batch["video"], batch["video_mask"])
+        video = enc.encode_video(video_to_device(batch["video"], batch["video_mask"], torch.device("cpu"), torch.float32),
+                                 batch["video_mask"])
         scores[key] = enc.similarity(text, video)
     assert scores["registry"].shape == (6, 6)
     assert torch.equal(scores["registry"], scores["export"])

@@ -165,3 +165,31 @@ def test_generator_t2v_and_v2t_match_the_equations_of_method_section_3():
     h = g.wo(sum(a[c] * g.wv(cands[0, c] + e) for c in range(k_cands)))
     expected = torch.stack([g.decoder(torch.cat([h, v]))[0] + a[c] for c, v in enumerate(pooled)])
     torch.testing.assert_close(g(video, vmask, cands, x_t, step)[0], expected)
+
+
+def test_rerank_pools_once_and_matches_full_forward_every_step():
+    """trainer.evaluate.rerank hoists the step-independent pooling out of the DDIM loop: its output
+    must equal re-ranking with the generators' full forward at every step."""
+    from ops.ddim import cosine_alphas_cumprod, rerank_topk
+    from trainer.evaluate import rerank
+    from trainer.features import FeatureBank
+
+    torch.manual_seed(0)
+    gens = build_generators(TINY).eval()
+    nt, nv, f, d = 7, 6, 3, TINY.embed_dim
+    frame_mask = torch.ones(nv, f, dtype=torch.bool)
+    frame_mask[::2, -1] = False
+    bank = FeatureBank(words=torch.randn(nt, 4, d), word_weights=torch.rand(nt, 4), word_mask=torch.ones(nt, 4, dtype=torch.bool),
+                       sentence=torch.randn(nt, d), frames=torch.randn(nv, f, d), frame_weights=torch.rand(nv, f),
+                       frame_mask=frame_mask, text_to_video=torch.arange(nt) % nv, video_ids=[], captions=[])
+    sim, abar = torch.randn(nt, nv), cosine_alphas_cumprod(10)
+    with torch.no_grad():
+        t2v, v2t = rerank(sim, bank, gens, abar, topk=3, alpha=1.0, steps=5, seed=1)
+        g = torch.Generator().manual_seed(1)
+        ref_t2v = rerank_topk(sim, lambda q, c: lambda x, k: gens.t2v(bank.sentence[q], bank.frames[c], frame_mask[c], x, k),
+                              abar, k=3, alpha=1.0, steps=5, generator=g)
+        ref_v2t = rerank_topk(sim.t().contiguous(),
+                              lambda q, c: lambda x, k: gens.v2t(bank.frames[q], frame_mask[q], bank.sentence[c], x, k),
+                              abar, k=3, alpha=1.0, steps=5, generator=g)
+    assert torch.equal(t2v, ref_t2v) and torch.equal(v2t, ref_v2t.t())
+    assert not torch.equal(t2v, sim)  # the re-ranking did change the top-3 scores

@@ -51,11 +51,15 @@ def rerank(sim: torch.Tensor, bank: FeatureBank, generators: Generators, abar: t
     dtype = next(generators.parameters()).dtype
     frames, frame_mask, sentence = bank.frames.to(dtype), bank.frame_mask, bank.sentence.to(dtype)
 
+    # Each query block's candidates are pooled once; only the denoising runs at every DDIM step.
     def t2v_denoiser(q, cand):
-        return lambda x_t, k: generators.t2v(sentence[q], frames[cand], frame_mask[cand], x_t.to(dtype), k).float()
+        text, pooled = sentence[q], generators.t2v.pool(sentence[q], frames[cand], frame_mask[cand])
+        return lambda x_t, k: generators.t2v.denoise(text, pooled, x_t.to(dtype), k).float()
 
     def v2t_denoiser(q, cand):
-        return lambda x_t, k: generators.v2t(frames[q], frame_mask[q], sentence[cand], x_t.to(dtype), k).float()
+        cand_text = sentence[cand]
+        pooled = generators.v2t.pool(frames[q], frame_mask[q], cand_text)
+        return lambda x_t, k: generators.v2t.denoise(pooled, cand_text, x_t.to(dtype), k).float()
 
     g = torch.Generator(device=sim.device).manual_seed(seed)
     k_t2v, k_v2t = min(topk, sim.shape[1]), min(topk, sim.shape[0])

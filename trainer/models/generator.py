@@ -66,26 +66,42 @@ class _Generator(nn.Module):
 
 
 class TextToVideoGenerator(_Generator):
+    """``forward`` = ``denoise(text, pool(...), ...)``. The pooling does not depend on the diffusion
+    step, so sampling pools once and denoises every step (50 DDIM steps: 50x fewer frame gathers)."""
+
+    def pool(self, text: torch.Tensor, cand_frames: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+        """v [B, K, D]: candidate video c pooled by the query text (both key source and pair feature)."""
+        return attend_frames(text[:, None].expand(-1, cand_frames.shape[1], -1), cand_frames, cand_mask, self.tau)
+
+    def denoise(self, text: torch.Tensor, pooled: torch.Tensor, x_t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        e = self.time_embedding(k, x_t.dtype)
+        return self.score(self.wq(text[:, None] + e), pooled, pooled, e, x_t)
+
     def forward(self, text: torch.Tensor, cand_frames: torch.Tensor, cand_mask: torch.Tensor,
                 x_t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """text [B, D] query sentences; cand_frames [B, K, F, D], cand_mask [B, K, F]; x_t [B, K];
         k [B] long -> x0_hat [B, K]."""
-        e = self.time_embedding(k, x_t.dtype)
-        # v_c: candidate video c pooled by the query text; it is both key source and pair feature.
-        v = attend_frames(text[:, None].expand(-1, cand_frames.shape[1], -1), cand_frames, cand_mask, self.tau)
-        return self.score(self.wq(text[:, None] + e), v, v, e, x_t)
+        return self.denoise(text, self.pool(text, cand_frames, cand_mask), x_t, k)
 
 
 class VideoToTextGenerator(_Generator):
+    """``forward`` = ``denoise(pool(...), cand_text, ...)``; see ``TextToVideoGenerator``."""
+
+    def pool(self, frames: torch.Tensor, frame_mask: torch.Tensor, cand_text: torch.Tensor) -> torch.Tensor:
+        """v [B, K, D]: the query video pooled by candidate text c."""
+        n = cand_text.shape[1]
+        return attend_frames(cand_text, frames[:, None].expand(-1, n, -1, -1), frame_mask[:, None].expand(-1, n, -1),
+                             self.tau)
+
+    def denoise(self, pooled: torch.Tensor, cand_text: torch.Tensor, x_t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        e = self.time_embedding(k, x_t.dtype)
+        return self.score(self.wq(pooled + e), cand_text, pooled, e, x_t)
+
     def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor, cand_text: torch.Tensor,
                 x_t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """frames [B, F, D], frame_mask [B, F] of the query videos; cand_text [B, K, D] candidate
         sentences; x_t [B, K]; k [B] long -> x0_hat [B, K]."""
-        e = self.time_embedding(k, x_t.dtype)
-        n = cand_text.shape[1]
-        # v_c: the query video pooled by candidate text c.
-        v = attend_frames(cand_text, frames[:, None].expand(-1, n, -1, -1), frame_mask[:, None].expand(-1, n, -1), self.tau)
-        return self.score(self.wq(v + e), cand_text, v, e, x_t)
+        return self.denoise(self.pool(frames, frame_mask, cand_text), cand_text, x_t, k)
 
 
 class Generators(nn.Module):
