@@ -3,8 +3,8 @@
 WTI part: symmetric cross-entropy over 100 * s, forward + backward, d=512, Lw=Lf=64, for each N
 in --sizes; time and peak memory for ours and for the naive einsum where its A tensor fits the
 budget. Eval part: --eval-n texts x videos (64 x 64 tokens) similarity with wti_similarity, the
-retrieval metrics, and top-32 re-ranking with DDIM over --eval-steps steps using a stand-in
-denoiser shaped like the t2v generator head (see _StandInDenoiser).
+retrieval metrics, and top-32 re-ranking in both directions with DDIM over --eval-steps steps
+through the trainer's own ``rerank`` and generator architecture (see _bench_eval).
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated above the allocation at the start of the
 measured call. On CPU, the process RSS sampled every millisecond by a psutil thread, peak minus
@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ops.ddim import cosine_alphas_cumprod, rerank_topk
+from ops.ddim import cosine_alphas_cumprod
 from ops.metrics import retrieval_metrics
 from ops.wti import WTI_BACKWARDS, wti_similarity, wti_similarity_naive
 
@@ -48,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=4917, help="eval pool size (0 skips the eval part)")
     p.add_argument("--eval-k", type=int, default=32)
     p.add_argument("--eval-steps", type=int, default=50)
+    p.add_argument("--eval-parts", default="similarity,rerank",
+                   help="which eval parts to time; rerank alone re-ranks a random similarity matrix")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -186,74 +188,53 @@ def _bench_wti(n: int, args, device: torch.device) -> dict[str, Any]:
     return row
 
 
-class _StandInDenoiser(torch.nn.Module):
-    """Random-weight stand-in with the t2v generator head's per-step cost (method.md section 3).
-
-    q = Wq(t + e), k_c = Wk(v_c + e), u_c = Wv(v_c + e), a = softmax(q.k_c + x_t),
-    h = Wo(sum_c a_c u_c), x0_hat = MLP_dec([h ; v_c]) + a, with d = 512 and MLP_dec 1024-1024-1.
-    v_c is the mean-pooled candidate video feature (the real head's text-frame attention is
-    replaced by pooling: one [k, Lf] attention per pair, computed once, not per step)."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.time = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.SiLU(), torch.nn.Linear(d, d))
-        self.wq, self.wk, self.wv, self.wo = (torch.nn.Linear(d, d, bias=False) for _ in range(4))
-        self.dec = torch.nn.Sequential(torch.nn.Linear(2 * d, 2 * d), torch.nn.ReLU(),
-                                       torch.nn.Linear(2 * d, 1))
-        self.d = d
-
-    def sinusoidal(self, k: torch.Tensor) -> torch.Tensor:
-        half = self.d // 2
-        freqs = torch.exp(-torch.arange(half, device=k.device) * (9.21 / half))
-        ang = k[:, None].float() * freqs[None]
-        return torch.cat([ang.sin(), ang.cos()], dim=-1)
-
-    def for_queries(self, text: torch.Tensor, video: torch.Tensor):
-        def denoise_for(q: torch.Tensor, idx: torch.Tensor):
-            t, v = text[q], video[idx]  # [b, d], [b, k, d]
-
-            def denoise(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-                e = self.time(self.sinusoidal(k))  # [b, d]
-                query = self.wq(t + e)
-                keys, vals = self.wk(v + e[:, None]), self.wv(v + e[:, None])
-                a = (torch.einsum("bd,bkd->bk", query, keys) + x).softmax(-1)
-                h = self.wo(torch.einsum("bk,bkd->bd", a, vals))
-                feats = torch.cat([h[:, None].expand_as(v), v], dim=-1)
-                return self.dec(feats).squeeze(-1) + a
-            return denoise
-        return denoise_for
-
-
 @torch.no_grad()
 def _bench_eval(args, device: torch.device) -> dict[str, Any]:
+    """The evaluation's two costly parts at --eval-n: the WTI similarity of every text against every
+    video, then gen re-ranking of each query's top --eval-k in both directions through
+    ``trainer.evaluate.rerank`` with a randomly initialised generator pair of the real
+    architecture (the cost does not depend on the weights). ``--eval-parts rerank`` alone ranks a
+    random similarity matrix instead: the candidates change, the work does not."""
+    from trainer.evaluate import rerank
+    from trainer.features import FeatureBank
+    from trainer.models.generator import Generators
+
     n, L, d = args.eval_n, args.tokens, args.dim
+    parts = {p.strip() for p in args.eval_parts.split(",") if p.strip()}
     text, tw, tm = _tokens(n, L, d, device, seed=2)
     video, vw, vm = _tokens(n, L, d, device, seed=3)
     meter = _PeakMemory(device)
     out: dict[str, Any] = {"N": n, "L": L, "d": d, "k": args.eval_k, "ddim_steps": args.eval_steps,
-                           "denoiser": "stand-in: random-weight t2v generator head (Wq/Wk/Wv/Wo 512, "
-                                       "time MLP, MLP_dec 1024-1024-1), mean-pooled frames"}
-    with meter.measure():
-        _sync(device)
+                           "parts": sorted(parts)}
+    if "similarity" in parts:
+        with meter.measure():
+            _sync(device)
+            t0 = time.perf_counter()
+            sim = wti_similarity(text, tw, tm, video, vw, vm, block=args.block)
+            _sync(device)
+            out["similarity_s"] = time.perf_counter() - t0
+        out["similarity_peak_extra_bytes"] = meter.extra_bytes
         t0 = time.perf_counter()
-        sim = wti_similarity(text, tw, tm, video, vw, vm, block=args.block)
+        retrieval_metrics(sim, torch.arange(n, device=device))
         _sync(device)
-        out["similarity_s"] = time.perf_counter() - t0
-    out["similarity_peak_extra_bytes"] = meter.extra_bytes
-    t0 = time.perf_counter()
-    retrieval_metrics(sim, torch.arange(n, device=device))
-    _sync(device)
-    out["metrics_s"] = time.perf_counter() - t0
-    denoiser = _StandInDenoiser(d).to(device).eval()
-    pooled = (video * vm[..., None]).sum(1) / vm.sum(1, keepdim=True)
-    sentence = text[:, 0]
-    with meter.measure():
-        t0 = time.perf_counter()
-        rerank_topk(sim, denoiser.for_queries(sentence, pooled), cosine_alphas_cumprod(args.eval_steps),
-                    k=args.eval_k, steps=args.eval_steps)
-        _sync(device)
-        out["rerank_s"] = time.perf_counter() - t0
-    out["rerank_peak_extra_bytes"] = meter.extra_bytes
+        out["metrics_s"] = time.perf_counter() - t0
+    else:
+        sim = torch.randn(n, n, generator=torch.Generator().manual_seed(4)).to(device)
+    if "rerank" in parts:
+        torch.manual_seed(0)
+        generators = Generators(d).to(device).eval()
+        bank = FeatureBank(words=text, word_weights=tw, word_mask=tm, sentence=text[:, 0], frames=video,
+                           frame_weights=vw, frame_mask=vm, text_to_video=torch.arange(n, device=device),
+                           video_ids=[], captions=[])
+        out["generator"] = "trainer.models.generator.Generators (t2v + v2t), random init, fp32"
+        with meter.measure():
+            _sync(device)
+            t0 = time.perf_counter()
+            rerank(sim, bank, generators, cosine_alphas_cumprod(args.eval_steps), topk=args.eval_k, alpha=1.0,
+                   steps=args.eval_steps, seed=0)
+            _sync(device)
+            out["rerank_s"] = time.perf_counter() - t0
+        out["rerank_peak_extra_bytes"] = meter.extra_bytes
     return out
 
 
@@ -277,11 +258,12 @@ def _print_table(results: dict[str, Any]) -> None:
         if "naive_skipped" in r:
             print(f"{'':>6}   naive: {r['naive_skipped']}")
     ev = results.get("eval")
-    if ev:
+    if ev and "similarity_s" in ev:
         print(f"eval N={ev['N']}: similarity {ev['similarity_s']:.2f}s "
-              f"(peak +{_fmt_bytes(ev['similarity_peak_extra_bytes'])}), metrics {ev['metrics_s']:.2f}s, "
-              f"re-rank top-{ev['k']} x {ev['ddim_steps']} DDIM steps {ev['rerank_s']:.2f}s "
-              f"(peak +{_fmt_bytes(ev['rerank_peak_extra_bytes'])}) [{ev['denoiser']}]")
+              f"(peak +{_fmt_bytes(ev['similarity_peak_extra_bytes'])}), metrics {ev['metrics_s']:.2f}s")
+    if ev and "rerank_s" in ev:
+        print(f"eval N={ev['N']}: re-rank top-{ev['k']} x {ev['ddim_steps']} DDIM steps, t2v and v2t: "
+              f"{ev['rerank_s']:.2f}s (peak +{_fmt_bytes(ev['rerank_peak_extra_bytes'])}) [{ev['generator']}]")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
