@@ -112,7 +112,7 @@ def _blocked_similarity(text: Tensor, text_weight: Tensor, text_mask: Tensor, vi
 
 def _bag_sum(bags: Tensor, rows: Tensor, weights: Tensor, table: Tensor, num_bags: int) -> Tensor:
     """out[k] = sum of weights[e] * table[rows[e]] over the entries e with bags[e] == k."""
-    bags, order = bags.sort()
+    bags, order = bags.sort(stable=True)  # a fixed summation order per bag, whatever the thread count
     offsets = torch.zeros(num_bags, dtype=torch.long, device=table.device)
     offsets[1:] = torch.bincount(bags, minlength=num_bags)[:-1].cumsum(0)
     return F.embedding_bag(rows[order], table, offsets, mode="sum", per_sample_weights=weights[order])
