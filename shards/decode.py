@@ -75,8 +75,6 @@ class ClipTransform:
 
     def __init__(self, image_size: int) -> None:
         self.image_size = image_size
-        self.mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
     def __call__(
         self, frames: np.ndarray | torch.Tensor, max_frames: int | None = None

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import ray
-import webdataset as wds
 
 from shards.index import read_index
-from shards.tarread import tar_members
+from shards.tarread import shard_samples
 
 log = logging.getLogger(__name__)
 
@@ -52,25 +50,10 @@ class SkipCounter:
 
 def read_shard_samples(row: dict[str, Any], counter) -> Iterator[dict[str, Any]]:
     """Raw samples (``key``, ``mp4`` bytes, ``meta`` JSON text) of the shard at ``row["path"]``, which
-    its index says holds ``row["samples"]``."""
-    path, read = row["path"], 0
-    try:
-        for sample in wds.tariterators.group_by_keys(tar_members(path, path)):
-            read += 1
-            if "mp4" not in sample or "json" not in sample:
-                counter.add.remote("incomplete_sample")
-                log.warning("%s: sample %s lacks its mp4 or json member; skipped", path, sample.get("__key__"))
-                continue
-            yield {"key": sample["__key__"], "mp4": sample["mp4"], "meta": sample["json"].decode("utf-8")}
-    except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
-        counter.add.remote("corrupt_shard")
-        log.warning("%s: unreadable shard (%s: %s); skipped the rest of it. Run verify_split on its directory and "
-                    "re-pack damaged shards", path, type(exn).__name__, exn)
-        return
-    if read < row["samples"]:  # cut between members: a valid, shorter tar
-        counter.add.remote("short_shard")
-        log.warning("%s: %d samples but its index lists %d: the file ends early. Run verify_split on its directory "
-                    "and re-pack the split", path, read, row["samples"])
+    its index says holds ``row["samples"]``; damage goes to ``counter`` (``shards.tarread.shard_samples``)."""
+    path = row["path"]
+    for sample in shard_samples(path, path, row["samples"], lambda kind: counter.add.remote(kind)):
+        yield {"key": sample["__key__"], "mp4": sample["mp4"], "meta": sample["json"].decode("utf-8")}
 
 
 class DecodeClips:
@@ -86,11 +69,9 @@ class DecodeClips:
         self.max_frames, self.image_size, self.sample_fps = max_frames, image_size, sample_fps
         self.seed, self.epoch, self.counter = seed, epoch, counter
         self.device = torch.device("cuda" if use_gpu else "cpu")
+        # With use_gpu the resize, crop and normalisation run on the GPU (ClipTransform works on the
+        # frames' device); only the final [T, 3, S, S] comes back to host memory.
         self.transform = ClipTransform(image_size)
-        # ClipTransform normalises with its mean/std tensors: on the GPU the resize, crop and
-        # normalisation run there; only the final [T,3,S,S] comes back to host memory.
-        self.transform.mean = self.transform.mean.to(self.device)
-        self.transform.std = self.transform.std.to(self.device)
         self.tokenizer = CaptionTokenizer(max_words)
         self.max_words = max_words
 

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import random
-import tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -38,7 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.decode import ClipTransform, decode_frames, sample_frame_indices
 from shards.index import read_index
-from shards.tarread import tar_members
+from shards.tarread import shard_samples
 
 log = logging.getLogger(__name__)
 
@@ -161,29 +160,12 @@ class ShardStream(IterableDataset):
 
     # --- reading ---------------------------------------------------------------------------------
     def _read_shard(self, name: str) -> Iterator[dict]:
-        """Raw samples (``__key__``, ``mp4``, ``json`` bytes) of one shard. A truncated or corrupt
-        tar yields the samples before the damage, then is counted and skipped."""
-        path = self.shard_dir / name
-        read = 0
-        try:
-            for sample in wds.tariterators.group_by_keys(tar_members(path, name)):
-                read += 1
-                if "mp4" not in sample or "json" not in sample:
-                    self.counters["incomplete_sample"] += 1
-                    log.warning("%s: sample %s lacks its mp4 or json member; skipped", path, sample.get("__key__"))
-                    continue
-                yield sample
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
-            self.counters["corrupt_shard"] += 1
-            log.warning("%s: unreadable shard (%s: %s); skipped the rest of it. Run verify_split on %s to check the "
-                        "split, and re-pack it if shards are damaged", path, type(exn).__name__, exn, self.shard_dir)
-            return
-        # A tar cut exactly between members reads as a valid, shorter tar: only the index can tell.
-        if read < self.shard_sizes[name]:
-            self.counters["short_shard"] += 1
-            log.warning("%s: %d samples but %s.index.json lists %d: the file ends early (cut between members). "
-                        "Run verify_split on %s and re-pack the split", path, read, self.split,
-                        self.shard_sizes[name], self.shard_dir)
+        """Raw samples (``__key__``, ``mp4``, ``json`` bytes) of one shard; damage is counted in
+        ``counters`` and skipped (``shards.tarread.shard_samples``)."""
+        yield from shard_samples(self.shard_dir / name, name, self.shard_sizes[name], self._count_skip)
+
+    def _count_skip(self, kind: str) -> None:
+        self.counters[kind] += 1
 
     def _one_pass(self, names: list[str], filters: list[tuple[int, int]]) -> Iterator[dict]:
         counters = [0] * len(filters)
