@@ -12,11 +12,12 @@ run directory or a ``con.pt`` path. Everything else is a Hydra override (``data.
 ``tracking.*``); the model's own architecture, frame count, caption length and sample rate come
 from the model, not from the config.
 
-Variants (rows of the table): ``con`` (stage-1 WTI similarity), ``gen_rerank`` (if the model has
-a generator), ``con_dual_softmax`` (t2v ranked on the t2v dual softmax, v2t on the v2t one) and
-``con_qb_norm`` (QB-Norm; querybank = the first ``eval.qb_bank`` captions and their videos of
+Variants (rows of the table, in ``trainer.evaluation.suite``'s order, as after training):
+``con`` (stage-1 WTI similarity), ``con_dual_softmax`` (t2v ranked on the t2v dual softmax, v2t
+on the v2t one), ``con_qb_norm`` (QB-Norm; querybank = the first ``eval.qb_bank`` captions and their videos of
 ``data.train_split``, encoded by the same encoder; ``eval.qb_bank=0`` skips it; ``eval.qb_k``,
-``eval.qb_beta``, ``eval.dual_softmax_temperature`` are config keys).
+``eval.qb_beta``, ``eval.dual_softmax_temperature`` are config keys) and ``gen_rerank`` (if the
+model has a generator).
 
 Flags: ``--model``, ``--out PATH`` (metrics JSON; default ``eval_metrics.json``), ``--mlflow`` (log
 the metrics and JSON as a new run in ``tracking.experiment``).
@@ -29,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.cli import ConfigError, compose
+from trainer.launchers.cli import ConfigError, compose
 
 USAGE = "usage: python launch/eval.py --model <models:/name@champion | run dir | con.pt> [flags] [overrides]"
 
@@ -43,7 +44,7 @@ class EvalArgs:
 
 
 def parse_args(argv: list[str]) -> EvalArgs:
-    from trainer.registry import pop_model_reference
+    from trainer.serve.registry import pop_model_reference
 
     try:
         model, argv = pop_model_reference(argv)
@@ -67,11 +68,11 @@ def run_eval(args: EvalArgs, dcfg) -> dict:
 
     from shards.index import read_index
     from shards.tokenize import CaptionTokenizer
-    from trainer.data import eval_loader
-    from trainer.evaluate import evaluate_con, evaluate_dual_softmax, evaluate_qb_norm, evaluate_rerank
-    from trainer.features import encode_split, limited
-    from trainer.registry import load_bundle
-    from trainer.report import summary_table, write_metrics_json
+    from trainer.components.data import eval_loader
+    from trainer.evaluation.suite import score_encoder, score_generator
+    from trainer.components.features import encode_split, limited
+    from trainer.serve.registry import load_bundle
+    from trainer.evaluation.report import summary_table, write_metrics_json
 
     cfg = OmegaConf.to_object(dcfg)
     started = time.time()
@@ -86,21 +87,19 @@ def run_eval(args: EvalArgs, dcfg) -> dict:
                         torch.float32, f"encode {data.test_split}", cfg.run.progress)
 
     e = cfg.eval
-    abar = bundle.alphas_cumprod().to(device) if bundle.generators is not None else None
-    result = evaluate_con(encoder, bank, e.block)
+    qb_split = data.train_split
+
+    def querybank():
+        read_index(Path(data.shards), qb_split)
+        loader = limited(eval_loader(data, bundle.model_config, qb_split), e.qb_bank)
+        return encode_split(encoder, loader, tokenizer, device, torch.float32, "encode querybank", cfg.run.progress)
+
+    result, qb_info = score_encoder(encoder, bank, e, querybank)
+    if qb_info is not None:
+        qb_info["split"] = qb_split
     if bundle.generators is not None:
-        evaluate_rerank(result, bank, bundle.generators, abar, topk=e.rerank_topk, alpha=e.rerank_alpha,
-                        steps=e.ddim_steps, seed=cfg.run.seed)
+        score_generator(result, bank, bundle.generators, bundle.alphas_cumprod().to(device), e, cfg.run.seed)
     t = e.dual_softmax_temperature
-    evaluate_dual_softmax(result, bank.text_to_video, t)
-    qb_info = None
-    if e.qb_bank > 0:
-        read_index(Path(data.shards), data.train_split)
-        loader = limited(eval_loader(data, bundle.model_config, data.train_split), e.qb_bank)
-        qbank = encode_split(encoder, loader, tokenizer, device, torch.float32, "encode querybank", cfg.run.progress)
-        qb_info = evaluate_qb_norm(result, encoder, bank, qbank, max_captions=e.qb_bank, k=e.qb_k, beta=e.qb_beta,
-                                   block=e.block)
-        qb_info["split"] = data.train_split
 
     elapsed = time.time() - started
     payload = {"model": args.model, "source": bundle.source, "shards": data.shards, "split": data.test_split,
@@ -115,8 +114,8 @@ def run_eval(args: EvalArgs, dcfg) -> dict:
 
 
 def log_to_mlflow(cfg, args: EvalArgs, result, json_path: Path) -> None:
-    from trainer.evaluate import eval_metric_names
-    from trainer.tracking import MetricsLogger
+    from trainer.evaluation.scoring import eval_metric_names
+    from trainer.components.tracking import MetricsLogger
 
     e = cfg.eval
     tags = {"kind": "eval", "model": args.model, "split": cfg.data.test_split}
@@ -129,7 +128,7 @@ def log_to_mlflow(cfg, args: EvalArgs, result, json_path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.errors import run_entry_point
+    from trainer.launchers.errors import run_entry_point
 
     def load():
         args = parse_args(sys.argv[1:] if argv is None else argv)

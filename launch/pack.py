@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.cli import ConfigError, compose
+from trainer.launchers.cli import ConfigError, compose
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -44,27 +44,21 @@ def check_root(data) -> None:
 
 def pack(cfg, splits: list[str], force: bool) -> int:
     """Pack (unless already packed and not forced) and optionally verify each split; the exit code."""
-    from shards.index import index_path, verify_split
-    from shards.writer import pack_split
-    from trainer.data import corpus_records, transcode_spec
+    from trainer.components.data import pack_corpus
 
-    data = cfg.data
-    shard_dir = Path(data.shards)
-    failed: list[str] = []
-    for split in splits:
-        if force or not index_path(shard_dir, split).is_file():
-            report = pack_split(corpus_records(data, split), shard_dir, split, shard_bytes=data.pack.shard_mb * 2**20,
-                                workers=data.pack.workers, transcode=transcode_spec(data), progress=cfg.run.progress)
-            print(report)
-            if report.quarantined:
-                print(f"{split}: quarantined rows and reasons are in {shard_dir / f'{split}.quarantine.jsonl'}")
+    data, failed = cfg.data, []
+    for outcome in pack_corpus(data, splits, progress=cfg.run.progress, force=force):
+        shard_dir, split = Path(data.shards), outcome.split
+        if outcome.report is None:
+            print(f"{split}: already packed ({shard_dir / f'{split}.index.json'}); pass --force to re-pack")
         else:
-            print(f"{split}: already packed ({index_path(shard_dir, split)}); pass --force to re-pack")
-        if data.pack.verify:
-            verified = verify_split(shard_dir, split)
-            print(verified)
-            if not verified.ok:
-                failed.append(str(verified))
+            print(outcome.report)
+            if outcome.report.quarantined:
+                print(f"{split}: quarantined rows and reasons are in {shard_dir / f'{split}.quarantine.jsonl'}")
+        if outcome.verified is not None:
+            print(outcome.verified)
+            if not outcome.verified.ok:
+                failed.append(str(outcome.verified))
     if failed:
         print(f"error: verification failed: {' | '.join(failed)}; re-pack with --force", file=sys.stderr)
         return 1
@@ -72,19 +66,19 @@ def pack(cfg, splits: list[str], force: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        flags, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        cfg = compose(overrides)
-    except ConfigError as err:
-        print(err.message, file=sys.stderr)
-        return 2
-    from trainer.errors import user_errors
+    from trainer.launchers.errors import run_entry_point
 
-    splits = flags.splits.split(",") if flags.splits else [cfg.data.train_split, cfg.data.test_split]
-    with user_errors():
+    def load():
+        flags, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        return flags, compose(overrides)
+
+    def body(loaded) -> int:
+        flags, cfg = loaded
+        splits = flags.splits.split(",") if flags.splits else [cfg.data.train_split, cfg.data.test_split]
         check_root(cfg.data)
         return pack(cfg, [s.strip() for s in splits if s.strip()], flags.force or cfg.data.pack.force)
-    return 2  # unreachable: user_errors exits
+
+    return run_entry_point(load, body)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from trainer.cli import ConfigError, compose
+from trainer.launchers.cli import ConfigError, compose
 
 USAGE = ('usage: python launch/search.py --model <models:/name@champion | run dir> --query "text" '
          "[--shards DIR] [--split S] [--topk K] [--png PATH] [--frames N] [overrides]")
@@ -36,7 +36,7 @@ class SearchArgs:
 
 
 def parse_args(argv: list[str]) -> SearchArgs:
-    from trainer.registry import pop_model_reference
+    from trainer.serve.registry import pop_model_reference
 
     try:
         model, argv = pop_model_reference(argv)
@@ -67,7 +67,7 @@ def parse_args(argv: list[str]) -> SearchArgs:
 
 def collect_frames(loader, wanted: set[str], n_frames: int) -> dict:
     """uint8 [n, S, S, 3] frames (evenly spaced real frames) of the videos in ``wanted``; the
-    loader ships uint8 (``trainer.data.eval_loader``), so these are the model's pixels before normalising."""
+    loader ships uint8 (``trainer.components.data.eval_loader``), so these are the model's pixels before normalising."""
     import torch
 
     found = {}
@@ -111,9 +111,9 @@ def run_search(args: SearchArgs, dcfg) -> list[dict]:
 
     from shards.index import read_index
     from shards.tokenize import CaptionTokenizer
-    from trainer.data import eval_loader
-    from trainer.features import encode_split
-    from trainer.registry import load_bundle
+    from trainer.components.data import eval_loader
+    from trainer.components.features import encode_split
+    from trainer.serve.registry import load_bundle
 
     cfg = OmegaConf.to_object(dcfg)
     device = torch.device("cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -148,7 +148,7 @@ def run_search(args: SearchArgs, dcfg) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.errors import run_entry_point
+    from trainer.launchers.errors import run_entry_point
 
     def load():
         args = parse_args(sys.argv[1:] if argv is None else argv)

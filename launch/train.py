@@ -6,18 +6,18 @@ synthetic corpus -> shards -> stage con -> stage gen -> evaluation -> MLflow.
 """
 import sys
 
-from trainer.cli import load_config
+from trainer.launchers.cli import load_config
 
 
 def main() -> int:
-    from trainer.errors import run_entry_point
+    from trainer.launchers.errors import run_entry_point
 
     return run_entry_point(load_config, run)
 
 
 def run(cfg) -> None:
     if cfg.launcher.name == "ray":  # the driver: Ray Data pipeline + a Ray Train TorchTrainer
-        from trainer.ray_launcher import launch_ray
+        from trainer.launchers.ray import launch_ray
 
         launch_ray(cfg)
     else:

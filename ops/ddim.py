@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["cosine_alphas_cumprod", "linear_alphas_cumprod", "q_sample", "ddim_sample", "rerank_topk"]
+__all__ = ["alphas_cumprod", "cosine_alphas_cumprod", "linear_alphas_cumprod", "q_sample", "ddim_sample", "rerank_topk"]
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
@@ -35,6 +35,18 @@ def linear_alphas_cumprod(T: int, beta_start: float = 1e-4, beta_end: float = 0.
         raise ValueError(f"linear_alphas_cumprod: T must be >= 1, got {T}")
     betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     return torch.cumprod(1 - betas, dim=0)
+
+
+SCHEDULES = ("cosine", "linear")
+
+
+def alphas_cumprod(schedule: str, T: int) -> Tensor:
+    """The named noise schedule (``stage.gen.schedule``): [T] float64 abar."""
+    if schedule == "cosine":
+        return cosine_alphas_cumprod(T)
+    if schedule == "linear":
+        return linear_alphas_cumprod(T)
+    raise ValueError(f"stage.gen.schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
 def _abar_at(alphas_cumprod: Tensor, k: Tensor, like: Tensor) -> Tensor:

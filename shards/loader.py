@@ -106,6 +106,15 @@ class StreamLoader:
             return self.stream.num_batches(self.batch_size)
         raise TypeError("an eval StreamLoader has no fixed batch count; use stream.samples_this_rank()")
 
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Samples skipped so far, by reason (corrupt shard, decode error, ...)."""
+        return self.stream.counters
+
     def state_dict(self) -> dict:
         return self.stream.state_dict()
 

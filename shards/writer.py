@@ -35,11 +35,12 @@ class PackReport:
     shards: int
     out_dir: Path
     reasons: dict[str, int] = field(default_factory=dict)
+    executor: str = "in-process"  # where probing/transcoding ran
 
     def __str__(self) -> str:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items()))
         return (f"{self.split}: packed {self.packed} samples into {self.shards} shards in {self.out_dir}, "
-                f"quarantined {self.quarantined}" + (f" ({why})" if why else ""))
+                f"quarantined {self.quarantined}" + (f" ({why})" if why else "") + f"; probed {self.executor}")
 
 
 class _RayTasks:
@@ -214,7 +215,9 @@ def pack_split(
     reasons: dict[str, int] = {}
     for q in quarantine:
         reasons[q.reason] = reasons.get(q.reason, 0) + 1
-    return PackReport(split, total, len(quarantine), len(shards), out_dir, reasons)
+    executor = (f"as Ray tasks ({ray_address})" if ray_address
+                else f"in {workers} processes" if workers > 0 else "in-process")
+    return PackReport(split, total, len(quarantine), len(shards), out_dir, reasons, executor)
 
 
 def _publish(tmp_dir: Path, out_dir: Path, split: str, names: list[str]) -> None:

@@ -1,6 +1,7 @@
-"""Shared fixtures: a tiny synthetic corpus, its packed shards, a real H.264 clip writer and
-helpers that make bad inputs (truncated tar, tar cut between members, corrupt mp4 bytes,
-zero-frame video)."""
+"""Shared fixtures: a tiny synthetic corpus, its packed shards, a real H.264 clip writer, helpers
+that make bad inputs (truncated tar, tar cut between members, corrupt mp4 bytes, zero-frame
+video) and a tiny trained run shared by the end-to-end, registry and eval/search tests. Plain
+helpers are in support.py."""
 from __future__ import annotations
 
 import shutil
@@ -16,6 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from shards.probe import encode_h264  # noqa: E402
+from tests.support import TINY_RUN, launch_train  # noqa: E402
 
 TINY_CORPUS = dict(n_train=24, n_test=12, seed=0, size=32, fps=8, seconds=2.0, captions_per_video=2)
 
@@ -119,23 +121,6 @@ def shard_copy(synthetic_shards, tmp_path) -> Path:
     dst = tmp_path / "shards"
     shutil.copytree(synthetic_shards, dst)
     return dst
-
-
-# A tiny but complete training run (stage con -> stage gen -> evaluation -> MLflow -> registry):
-# trained once per session and shared by the end-to-end, registry and eval/search tests.
-TINY_RUN = [
-    "data.max_frames=4", "data.max_words=16", "data.batch_size=8", "data.eval_batch_size=8", "data.num_workers=0",
-    "stage.con.max_steps=3", "stage.gen.max_steps=3", "stage.gen.batch_size=12", "stage.gen.timesteps=5",
-    "eval.rerank_topk=4", "run.progress=false", "run.device=cpu", "tracking.flush_every_s=0.5",
-]
-
-
-def launch_train(*overrides: str, cwd: Path = ROOT, timeout: int = 600):
-    import os
-    import subprocess
-
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *overrides], cwd=cwd,
-                          env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

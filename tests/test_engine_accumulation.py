@@ -1,4 +1,4 @@
-"""Gradient accumulation and fp16 under the DeepSpeed engine of ``trainer.engine``.
+"""Gradient accumulation and fp16 under the DeepSpeed engine of ``trainer.components.engine``.
 
 The contrastive loss is not additive over micro-batches (each micro-batch is its own candidate
 pool), so accumulation over ``grad_accum`` micro-batches must equal one optimiser step on the
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from trainer.config import ConConfig, DeepSpeedConfig, ModelConfig
+from tests.support import free_port
 
 MODEL = ModelConfig(embed_dim=32, image_size=32, patch_size=16, vision_width=32, vision_layers=1, vision_head_width=16,
                     text_width=32, text_layers=1, text_heads=2, temporal_layers=1, weight_mlp_hidden=32)
@@ -36,12 +36,6 @@ GRAD_CLIP = 200.0
 # sign, so elements whose gradient never exceeds GRAD_NOISE are left out of the comparison.
 TOLERANCE = 1e-3
 GRAD_NOISE = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def micro_batches() -> list[dict[str, torch.Tensor]]:
@@ -84,8 +78,8 @@ def _task_loss(task, batch: dict, dtype: torch.dtype = torch.float32) -> torch.T
 def _engine_main(rank: int, port: int, zero_stage: int, out_dir: str) -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")
-    from trainer.distributed import init_distributed
-    from trainer.engine import build_engine, learning_rates
+    from trainer.components.distributed import init_distributed
+    from trainer.components.engine import build_engine, learning_rates
     from trainer.stages.con import ContrastiveTask, param_groups
 
     init_distributed("gloo", "cpu")
@@ -132,7 +126,7 @@ def run_reference(reduction: str = "mean") -> Reference:
     ``pooled`` loss over the concatenated window."""
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
-    from trainer.engine import deepspeed_config
+    from trainer.components.engine import deepspeed_config
     from trainer.stages.con import ContrastiveTask, param_groups
 
     encoder = initial_encoder()
@@ -241,7 +235,7 @@ def _fp16_supported() -> bool:
 def test_fp16_without_accelerator_support_is_refused_with_a_clear_error():
     if _fp16_supported():
         pytest.skip("this accelerator supports fp16")
-    from trainer.engine import build_engine
+    from trainer.components.engine import build_engine
     from trainer.stages.con import ContrastiveTask, param_groups
 
     encoder = initial_encoder()
@@ -252,8 +246,8 @@ def test_fp16_without_accelerator_support_is_refused_with_a_clear_error():
 
 def _fp16_main(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from trainer.distributed import init_distributed
-    from trainer.engine import build_engine, engine_dtype
+    from trainer.components.distributed import init_distributed
+    from trainer.components.engine import build_engine, engine_dtype
     from trainer.stages.con import ContrastiveTask, param_groups
 
     dist = init_distributed("auto", "cuda")
@@ -295,8 +289,8 @@ def test_stage_con_counts_optimizer_steps_with_accumulation(synthetic_corpus, sy
     micro-batches, and the LR schedule spans exactly max_steps of them."""
     from mlflow.tracking import MlflowClient
 
-    from tests.conftest import launch_train
-    from trainer.checkpoint import MARKER
+    from tests.support import launch_train
+    from trainer.components.checkpoint import MARKER
 
     steps, batch, run_dir, uri = 3, 4, tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = launch_train("stage=con", f"data.root={synthetic_corpus}", f"data.shards={synthetic_shards}",

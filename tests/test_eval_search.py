@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import ROOT
-from trainer.cli import ConfigError
+from tests.support import ROOT
+from trainer.launchers.cli import ConfigError
 
 
 @pytest.fixture(scope="module")

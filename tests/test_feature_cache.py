@@ -1,7 +1,7 @@
 """Stage gen's feature cache: encoded once per (encoder, data) key, reloaded exactly after that."""
 import torch
 
-from trainer.features import FeatureBank, cached_encode_split
+from trainer.components.features import FeatureBank, cached_encode_split
 
 
 def tiny_bank(seed: int) -> FeatureBank:

@@ -1,10 +1,11 @@
 """Stage gen's task on cached features: the loss trains the generators and nothing else."""
 import torch
 
-from tests.test_trainer_models import TINY
-from trainer.features import FeatureBank
+from tests.support import TINY
+from trainer.components.features import FeatureBank
 from trainer.models import build_encoder, build_generators
-from trainer.stages.gen import GenerationTask, alphas_cumprod, sample_pairs, stage1_similarity
+from ops import alphas_cumprod
+from trainer.stages.gen import GenerationTask, sample_pairs, stage1_similarity
 
 
 def bank_from_encoder(encoder, n_videos=6, frames=4, words=6) -> FeatureBank:

@@ -4,12 +4,11 @@ import dataclasses
 import torch
 
 from ops import wti_similarity
-from tests.test_momentum_task import batch
-from tests.test_trainer_models import TINY
+from tests.support import TINY, contrastive_batch as batch
 from trainer.models import build_encoder
 from trainer.models.laff import multihead_similarity
 from trainer.stages.con import ContrastiveTask
-from trainer.losses import contrastive_loss
+from trainer.models.losses import contrastive_loss
 
 LAFF_TINY = dataclasses.replace(TINY, laff=True, laff_dim=16, laff_heads=2)
 

@@ -3,20 +3,20 @@
 
 Everything runs real processes: the launcher test starts `deepspeed --num_gpus 2 launch/train.py`
 (DS_ACCELERATOR=cpu makes each "gpu" a CPU rank), the others start gloo ranks with
-``torch.multiprocessing.spawn`` that go through ``trainer.distributed.init_distributed``.
+``torch.multiprocessing.spawn`` that go through ``trainer.components.distributed.init_distributed``.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_RUN = [
@@ -26,12 +26,6 @@ TINY_RUN = [
 ]
 GLOBAL_BATCH = 8
 STEPS = 5  # DeepSpeed WarmupCosineLR gives the first two updates lr 0 (see engine.py)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_train(*overrides: str, ranks: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -112,14 +106,14 @@ def _fixed_global_batch(max_frames: int, image_size: int, max_words: int) -> dic
 
 
 def _rank_main(rank: int, world: int, port: int, zero_stage: int, precision: str, out_dir: str) -> None:
-    """One gloo rank: init through trainer.distributed, train STEPS steps of stage con's task on
+    """One gloo rank: init through trainer.components.distributed, train STEPS steps of stage con's task on
     this rank's slice of the fixed global batch, save a checkpoint and export fp32 weights."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    from trainer.checkpoint import fp32_state_dict
+    from trainer.components.export import fp32_state_dict
     from trainer.config import ConConfig, DeepSpeedConfig, ModelConfig
-    from trainer.distributed import init_distributed
-    from trainer.engine import build_engine, engine_dtype
+    from trainer.components.distributed import init_distributed
+    from trainer.components.engine import build_engine, engine_dtype
     from trainer.models import build_encoder
     from trainer.stages.con import ContrastiveTask, param_groups
 
@@ -201,11 +195,11 @@ def test_zero_stage_trains_checkpoints_and_exports_fp32(zero_stage, precision, t
 
 def _adopt_main(rank: int, world: int, port: int, out_dir: str) -> None:
     """A rank whose group is already up (as Ray Train's workers are) before init_distributed."""
-    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), STREAMRET_LAUNCHER="ray")
+    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank))
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    from trainer.distributed import init_distributed
+    from trainer.components.distributed import init_distributed
 
     info = init_distributed("auto", "cpu")
     t = torch.tensor([rank + 1.0])
@@ -216,7 +210,7 @@ def _adopt_main(rank: int, world: int, port: int, out_dir: str) -> None:
     except RuntimeError as err:
         error = str(err)
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(
-        {"rank": info.rank, "world": info.world_size, "launcher": info.launcher, "sum": t.item(), "error": error}))
+        {"rank": info.rank, "world": info.world_size, "adopted": info.adopted, "sum": t.item(), "error": error}))
     torch.distributed.destroy_process_group()
 
 
@@ -225,5 +219,5 @@ def test_init_distributed_adopts_a_live_process_group(tmp_path):
     torch.multiprocessing.spawn(_adopt_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert (got["rank"], got["world"], got["launcher"], got["sum"]) == (rank, 2, "ray", 3.0)
+        assert (got["rank"], got["world"], got["adopted"], got["sum"]) == (rank, 2, True, 3.0)
         assert "already initialised with backend 'gloo'" in got["error"]

@@ -9,13 +9,13 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -23,12 +23,6 @@ TINY_RUN = [
     "data.max_frames=4", "data.max_words=16", "data.batch_size=4", "data.eval_batch_size=8", "data.num_workers=0",
     "data.shuffle_buffer=0", "stage.con.max_steps=3", "run.progress=false", "tracking.flush_every_s=0.5",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_cli(*args: str, env: dict, timeout: int = 120) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ops.wti import wti_similarity
-from trainer.losses import contrastive_loss, positive_targets
+from trainer.models.losses import contrastive_loss, positive_targets
 from trainer.models.laff import LAFF, multihead_similarity
 from trainer.models.momentum import (FeatureQueue, MomentumTeacher, distillation_targets,
                                      distilled_contrastive_loss, soft_cross_entropy)

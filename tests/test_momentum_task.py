@@ -4,16 +4,11 @@ import dataclasses
 import torch
 
 from trainer.config import ConConfig
-from trainer.stages.con import ContrastiveTask, video_groups
-from tests.test_trainer_models import TINY
+from trainer.stages.con import ContrastiveTask
+from tests.support import TINY, contrastive_batch as batch
 from trainer.models import build_encoder
 
 
-def batch(b=3, frames=4, words=6):
-    ids = torch.randint(1, 1000, (b, words))
-    ids[:, -1] = 49407
-    return (torch.randn(b, frames, 3, 32, 32), torch.ones(b, frames, dtype=torch.bool), ids,
-            torch.ones(b, words, dtype=torch.bool), video_groups([f"v{i}" for i in range(b)], torch.device("cpu")))
 
 
 def test_plain_task_equals_contrastive_loss_and_momentum_task_uses_queue():

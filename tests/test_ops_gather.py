@@ -1,6 +1,5 @@
 """gather_with_grad: identity without a process group; exact global-batch gradients with 2 ranks."""
 
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 
 from ops.gather import gather_with_grad, local_rows
 from ops.wti import wti_similarity
+from tests.support import free_port
 
 
 def test_identity_without_process_group():
@@ -17,12 +17,6 @@ def test_identity_without_process_group():
     y = gather_with_grad(x)
     assert y is x
     assert local_rows(3) == slice(0, 3)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch(n: int):
@@ -94,4 +88,4 @@ def _worker(rank: int, world: int, port: int, n: int) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_match_single_process_in_both_loss_modes():
-    mp.spawn(_worker, args=(2, _free_port(), 8), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), 8), nprocs=2, join=True)

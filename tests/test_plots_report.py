@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.plots import (
+from trainer.evaluation.plots import (
     plot_loss_curves,
     plot_rank_histograms,
     plot_recall_curves,
     plot_stage_comparison,
     recall_at_k,
 )
-from trainer.report import summary_table, write_metrics_json
+from trainer.evaluation.report import summary_table, write_metrics_json
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

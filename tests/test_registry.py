@@ -26,7 +26,7 @@ def champion_version(uri: str, name: str) -> str:
 
 
 def test_is_better_respects_metric_direction():
-    from trainer.registry import is_better
+    from trainer.serve.registry import is_better
 
     assert is_better(20.0, 10.0, "t2v_R1") and not is_better(10.0, 10.0, "t2v_R1")
     assert is_better(3.0, 5.0, "t2v_MdR") and not is_better(5.0, 3.0, "v2t_MnR")
@@ -35,7 +35,7 @@ def test_is_better_respects_metric_direction():
 def test_champion_moves_only_on_improvement(trained):
     from mlflow.tracking import MlflowClient
 
-    from trainer.registry import register_stage
+    from trainer.serve.registry import register_stage
 
     r1 = trained.metrics["gen_rerank"]["t2v"]["R1"]
     first = register_stage(trained.uri, trained.run_id, trained.run_dir, "gen", trained.metrics, name="promo")
@@ -58,7 +58,7 @@ def test_champion_moves_only_on_improvement(trained):
 
 
 def test_register_rejects_unknown_metric_and_missing_export(trained, tmp_path):
-    from trainer.registry import register_stage
+    from trainer.serve.registry import register_stage
 
     with pytest.raises(KeyError, match="t2v_R1"):
         register_stage(trained.uri, trained.run_id, trained.run_dir, "con", {"v2t_R5": 1.0}, name="bad",
@@ -70,7 +70,7 @@ def test_register_rejects_unknown_metric_and_missing_export(trained, tmp_path):
 
 def _reference_models(run_dir: Path):
     """The run's exports loaded by hand, the way trainer/run.py does."""
-    from trainer.checkpoint import load_export, load_into
+    from trainer.components.export import load_export, load_into
     from trainer.config import ModelConfig
     from trainer.models import build_encoder, build_generators
 
@@ -85,7 +85,7 @@ def _reference_models(run_dir: Path):
 
 def _test_batch(shards: Path, model_config, max_frames: int, settings):
     from trainer.config import DataConfig
-    from trainer.data import eval_loader
+    from trainer.components.data import eval_loader
 
     data = DataConfig(root="", shards=str(shards), max_frames=max_frames, max_words=settings.max_words,
                       sample_fps=settings.sample_fps, num_workers=0, eval_batch_size=6)
@@ -96,7 +96,7 @@ def _test_batch(shards: Path, model_config, max_frames: int, settings):
 def test_load_by_alias_gives_the_runs_model(trained, synthetic_shards):
     from shards.decode import video_to_device
     from shards.tokenize import CaptionTokenizer
-    from trainer.registry import load_bundle, load_registered, register_stage
+    from trainer.serve.registry import load_bundle, load_registered, register_stage
 
     reg = register_stage(trained.uri, trained.run_id, trained.run_dir, "gen", trained.metrics, name="loadme")
     encoder, generators, model_config, max_frames = load_registered("models:/loadme@champion", tracking_uri=trained.uri)
@@ -129,7 +129,7 @@ def test_pyfunc_predict_texts_videos_and_pairs(trained, synthetic_corpus):
     import mlflow.pyfunc
 
     from shards.tokenize import CaptionTokenizer
-    from trainer.registry import load_bundle, register_stage
+    from trainer.serve.registry import load_bundle, register_stage
 
     reg = register_stage(trained.uri, trained.run_id, trained.run_dir, "con", {"t2v_R1": 0.0}, name="pyfunc")
     mlflow.set_registry_uri(trained.uri)
@@ -163,7 +163,7 @@ def test_pyfunc_predict_texts_videos_and_pairs(trained, synthetic_corpus):
 
 
 def test_load_unknown_model_says_what_to_pass(trained, tmp_path):
-    from trainer.registry import load_bundle
+    from trainer.serve.registry import load_bundle
 
     with pytest.raises(FileNotFoundError, match="models:/<name>@champion"):
         load_bundle(tmp_path / "nope")

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import MARKER, find_resume_point
+from tests.support import export_weights as weights, run_losses as losses
+from trainer.components.checkpoint import MARKER, find_resume_point
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 8
@@ -44,19 +45,6 @@ def wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen) -> Non
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    from mlflow.tracking import MlflowClient
-
-    run_id = json.loads((run_dir / "metrics.json").read_text())["mlflow_run_id"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / (run_dir.name + '.db')}")
-    history = sorted(client.get_metric_history(run_id, "con/loss"), key=lambda m: m.timestamp)
-    return {m.step: m.value for m in history}  # a step logged twice (before the kill and after) keeps the last
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "con.pt", weights_only=False)["state_dict"]
 
 
 @pytest.fixture(scope="module")

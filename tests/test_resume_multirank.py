@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,8 +30,9 @@ import psutil
 import pytest
 import torch
 
-from tests.test_resume import losses, weights
-from trainer.checkpoint import MARKER, CheckpointManager, complete_tags, find_resume_point
+from tests.support import export_weights as weights, run_losses as losses
+from trainer.components.checkpoint import MARKER, CheckpointManager, complete_tags, find_resume_point
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -43,12 +43,6 @@ TWO_RANK_RUN = [
     "run.checkpoint_every=1", "run.keep_last=2", "tracking.flush_every_s=0.2", "tracking.register=false",
     "eval.block=64",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_launch(run_dir: Path, corpus: Path, shards: Path, *extra: str) -> subprocess.Popen:

@@ -141,7 +141,7 @@ def test_loader_workers_ship_uint8_and_batches_come_out_normalised(synthetic_sha
 
 
 def test_trainer_loader_ships_uint8_and_video_to_device_normalises_it(synthetic_shards) -> None:
-    """normalise=False (as trainer.data builds loaders): video stays uint8 and video_to_device turns it
+    """normalise=False (as trainer.components.data builds loaders): video stays uint8 and video_to_device turns it
     into exactly what normalise=True yields, in the model's dtype; float input only moves."""
     from shards.decode import video_to_device
     from shards.loader import build_loader

@@ -16,12 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.tracking import (
-    MetricsLogger,
-    TrackingUnavailable,
-    flatten_params,
-    sanitize_metric_name,
-)
+from trainer.components.mlflow_store import TrackingUnavailable, flatten_params, sanitize_metric_name
+from trainer.components.tracking import MetricsLogger
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -117,7 +113,7 @@ def test_background_thread_flushes_without_explicit_flush(store):
 
 def test_non_finite_skipped_with_one_warning(store, caplog):
     uri, _ = store
-    with caplog.at_level(logging.WARNING, logger="trainer.tracking"):
+    with caplog.at_level(logging.WARNING, logger="trainer.components.tracking"):
         with MetricsLogger(uri, "exp", flush_every_s=60.0) as logger:
             for step in range(3):
                 logger.log_metrics({"con/loss": math.nan, "con/lr": 1e-4, "x": math.inf}, step=step)
@@ -232,12 +228,12 @@ def test_mid_run_outage_warns_keeps_buffer_and_recovers(store, caplog):
 
     os.rename(store_dir, away)
     try:
-        with caplog.at_level(logging.WARNING, logger="trainer.tracking"):
+        with caplog.at_level(logging.WARNING, logger="trainer.components.tracking"):
             for step in range(1, 4):  # training keeps stepping and flushing through the outage
                 logger.log_metrics({"con/loss": 1.0 / (step + 1)}, step=step)
                 logger.flush()
         outage_warnings = [r for r in caplog.records
-                           if r.name == "trainer.tracking" and "failed" in r.getMessage()]
+                           if r.name == "trainer.components.tracking" and "failed" in r.getMessage()]
         assert len(outage_warnings) == 1  # once per outage, not once per flush
         assert uri in outage_warnings[0].getMessage()
         assert logger.pending_points == 3
@@ -276,7 +272,7 @@ def test_system_metrics_logged(store):
 
 
 def test_process_metrics_fallback_sample():
-    from trainer.tracking import _sample_process_metrics
+    from trainer.components.tracking import _sample_process_metrics
 
     sample = _sample_process_metrics()
     assert 0.0 <= sample["system/cpu_percent"]

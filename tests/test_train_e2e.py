@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import TINY_RUN, launch_train as train
+from tests.support import TINY_RUN, launch_train as train
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_undeclared_config_key_is_one_clear_line(tmp_path):
 def test_mid_stage_evaluation_scores_checkpoints_and_keeps_the_best(synthetic_corpus, synthetic_shards, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from trainer.checkpoint import MARKER, best_tag, complete_tags
+    from trainer.components.checkpoint import MARKER, best_tag, complete_tags
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = train("stage=con", f"data.root={synthetic_corpus}", f"data.shards={synthetic_shards}",

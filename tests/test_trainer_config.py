@@ -1,7 +1,8 @@
 """The config tree: composition, validation against the dataclasses, launcher flags."""
+import os
 import pytest
 
-from trainer.cli import ConfigError, compose, parse_launcher_args
+from trainer.launchers.cli import ConfigError, compose, parse_launcher_args
 
 
 def test_default_config_runs_both_stages_on_the_synthetic_corpus():
@@ -34,9 +35,9 @@ def test_bad_config_is_one_clear_line(overrides, needle):
 
 def test_launcher_flags_become_overrides(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    args = parse_launcher_args(["--local_rank=1", "--stage", "gen", "data.batch_size=4"])
-    assert args.overrides == ["data.batch_size=4", "stage=gen"] and args.local_rank == 1
-    assert list(compose(args.overrides).stage.run) == ["gen"]
+    overrides = parse_launcher_args(["--local_rank=1", "--stage", "gen", "data.batch_size=4"])
+    assert overrides == ["data.batch_size=4", "stage=gen"] and os.environ["LOCAL_RANK"] == "1"
+    assert list(compose(overrides).stage.run) == ["gen"]
 
 
 def test_unknown_double_dash_flag_is_refused():

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from trainer.losses import contrastive_loss, diffusion_loss
+from trainer.models.losses import contrastive_loss, diffusion_loss
 
 
 def test_contrastive_loss_single_positive_is_symmetric_cross_entropy():

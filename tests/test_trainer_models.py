@@ -6,10 +6,8 @@ import torch
 
 from trainer.config import ModelConfig
 from trainer.models import build_clip, build_encoder, build_generators, encode_words
+from tests.support import TINY
 
-TINY = ModelConfig(name="tiny", embed_dim=32, image_size=32, patch_size=16, vision_width=32, vision_layers=1,
-                   vision_head_width=16, text_width=32, text_layers=2, text_heads=2, quick_gelu=False,
-                   temporal_layers=2, weight_mlp_hidden=16)
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +166,11 @@ def test_generator_t2v_and_v2t_match_the_equations_of_method_section_3():
 
 
 def test_rerank_pools_once_and_matches_full_forward_every_step():
-    """trainer.evaluate.rerank hoists the step-independent pooling out of the DDIM loop: its output
+    """trainer.evaluation.scoring.rerank hoists the step-independent pooling out of the DDIM loop: its output
     must equal re-ranking with the generators' full forward at every step."""
     from ops.ddim import cosine_alphas_cumprod, rerank_topk
-    from trainer.evaluate import rerank
-    from trainer.features import FeatureBank
+    from trainer.evaluation.scoring import rerank
+    from trainer.components.features import FeatureBank
 
     torch.manual_seed(0)
     gens = build_generators(TINY).eval()

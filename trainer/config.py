@@ -1,7 +1,10 @@
-"""The typed configuration tree. ``conf/`` YAML mirrors these dataclasses one to one; Hydra
-validates every file and override against them, so a key that is not declared here is an error.
+"""The typed configuration tree: every key and every default is declared here, once.
 
-Plain dataclasses: the model library can be driven from Python without Hydra.
+Defaults are the reference's (method.md: ViT-B/32, 12 frames, 32 words, 1 fps; the training
+schedule of the papers). ``conf/`` holds only what a group option changes against them (the
+embedded synthetic job, the tiny model, a long-video corpus, ZeRO-2, ...): a test fails on a YAML
+value equal to its default and on a YAML key declared nowhere here. Hydra validates every file
+and override against these dataclasses, so an undeclared key is an error.
 """
 from __future__ import annotations
 
@@ -9,12 +12,14 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from trainer.models.config import ModelConfig
+
 
 @dataclass
 class SyntheticConfig:
     """The embedded procedurally generated corpus (only read when ``data.corpus=synthetic``)."""
 
-    n_train: int = 600
+    n_train: int = 640
     n_test: int = 96
     size: int = 64
     fps: int = 8
@@ -39,8 +44,8 @@ class PackConfig:
 @dataclass
 class DataConfig:
     corpus: str = "synthetic"  # synthetic | manifest | msrvtt | activitynet | didemo | msvd | lsmdc
-    root: str = MISSING  # the corpus as it lies on disk (conf/data/<corpus>.yaml sets it)
-    shards: str = "data/synthetic/shards"  # packed WebDataset shards
+    root: str = MISSING  # the corpus as it lies on disk
+    shards: str = "${data.root}/shards"  # packed WebDataset shards
     train_split: str = "train"
     test_split: str = "test"
     max_frames: int = 12
@@ -48,40 +53,10 @@ class DataConfig:
     sample_fps: float = 1.0
     batch_size: int = 32  # per rank
     eval_batch_size: int = 64
-    num_workers: int = 1
-    shuffle_buffer: int = 256
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     pack: PackConfig = field(default_factory=PackConfig)
-
-
-@dataclass
-class ModelConfig:
-    name: str = "tiny"
-    weights: str = ""  # local CLIP checkpoint (OpenAI JIT or open_clip state dict); "" = random init
-    embed_dim: int = 512
-    image_size: int = 224
-    patch_size: int = 32
-    vision_width: int = 768
-    vision_layers: int = 12
-    vision_head_width: int = 64
-    text_width: int = 512
-    text_layers: int = 12
-    text_heads: int = 8
-    context_length: int = 77
-    vocab_size: int = 49408
-    quick_gelu: bool = True  # OpenAI weights were trained with QuickGELU
-    temporal_layers: int = 4
-    weight_mlp_hidden: int = 1024
-    logit_scale_init: float = 100.0
-    logit_scale_max: float = 100.0
-    freeze_patch_embed: bool = True
-    gen_tau: float = 1.0  # text-frame attention temperature inside the generator
-    # LAFF (method.md section 5): fuse several video features (raw CLIP frames, temporal frames,
-    # token-weighted frames) and text features (<eot>, token-weighted words) per head; its cosine
-    # similarity (mean over heads) is added to WTI's, and the loss is summed per head.
-    laff: bool = False
-    laff_dim: int = 2048
-    laff_heads: int = 8
 
 
 @dataclass
@@ -179,7 +154,7 @@ class LauncherConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "default"
+    name: str = "${data.corpus}-${model.name}"
     dir: str = "runs/${run.name}"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda

@@ -1,32 +1,40 @@
 """A training run, top to bottom: data, stage con, evaluation, stage gen, evaluation, report.
 
 Distributed setup, data, checkpoints and tracking are components this calls (torchtitan style).
+What differs per launcher comes in as arguments: where train batches come from
+(``train_source``; the local stream by default) and who else hears of each checkpoint
+(``after_checkpoint``; Ray Train's ``report``). Nothing here knows which launcher started it.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shards.tokenize import CaptionTokenizer
-from trainer.checkpoint import EXPORT_FORMAT, ResumePoint, find_resume_point, load_export, load_into
+from trainer.components.checkpoint import ResumePoint, find_resume_point
+from trainer.components.context import RunContext, seed_everything, shape_key
+from trainer.components.data import TrainSourceFactory, ensure_shards, eval_loader, local_train_source, quarantine_counts
+from trainer.components.distributed import barrier, init_distributed
+from trainer.components.export import load_export, load_into, write_export
+from trainer.components.features import FeatureBank, cached_encode_split, encode_split, limited
+from trainer.components.mlflow_store import flatten_params
+from trainer.components.tracking import MetricsLogger
 from trainer.config import RootConfig
-from trainer.context import RunContext, seed_everything, shape_key
-from trainer.data import ensure_shards, eval_loader, quarantine_counts
-from trainer.distributed import barrier, init_distributed
-from trainer.evaluate import Evaluation, evaluate_con, evaluate_dual_softmax, evaluate_qb_norm, evaluate_rerank
-from trainer.features import FeatureBank, cached_encode_split, encode_split, limited
+from trainer.evaluation.outputs import log_evaluation, write_outputs
+from trainer.evaluation.scoring import Evaluation
+from trainer.evaluation.suite import midstage_evaluator, score_encoder, score_generator
 from trainer.models import build_encoder
-from trainer.outputs import log_evaluation, write_outputs
 from trainer.stages.con import train_con
 from trainer.stages.gen import train_gen
-from trainer.tracking import MetricsLogger, flatten_params
 
 
-def train(dcfg: DictConfig) -> Evaluation:
+def train(dcfg: DictConfig, *, train_source: TrainSourceFactory = local_train_source,
+          after_checkpoint: Callable[[Path, int], None] | None = None) -> Evaluation:
     cfg: RootConfig = OmegaConf.to_object(dcfg)
     dist = init_distributed(cfg.deepspeed.backend, cfg.run.device)
     seed_everything(cfg.run.seed + dist.rank)
@@ -39,19 +47,21 @@ def train(dcfg: DictConfig) -> Evaluation:
     tracker = MetricsLogger(cfg.tracking.uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.run.name,
                             run_id=resume.marker.get("mlflow_run_id") if resume else None, rank=dist.rank,
                             flush_every_s=cfg.tracking.flush_every_s, system_metrics=cfg.tracking.system_metrics)
-    ctx = RunContext(cfg, dist, run_dir, tracker, shapes=shape_key(cfg), after_checkpoint=checkpoint_hook(dist))
+    ctx = RunContext(cfg, dist, run_dir, tracker, shapes=shape_key(cfg), after_checkpoint=after_checkpoint)
     with tracker:
         tracker.log_params(flatten_params(OmegaConf.to_container(dcfg, resolve=True)))
         ctx.log("data", quarantine_counts(cfg.data), step=0)
         encoder = build_encoder(cfg.model, cfg.data.max_frames).to(dist.device)
-        con_path = stage_con(ctx, encoder, resume)
+        con_path = stage_con(ctx, encoder, resume, train_source)
         train_bank = train_features(ctx, encoder, con_path) if "gen" in cfg.stage.run else None
         result, test_bank = evaluate_encoder(ctx, encoder, train_bank)
         generators = None
         if "gen" in cfg.stage.run:
             gen_resume = resume if resume and resume.stage == "gen" and not resume.finished else None
             generators, abar = train_gen(ctx, encoder, train_bank, gen_resume)
-            evaluate_generator(ctx, result, test_bank, generators, abar)
+            if dist.is_main:
+                score_generator(result, test_bank, generators, abar, cfg.eval, cfg.run.seed)
+                log_evaluation(ctx, result, "gen_rerank", step=0)
         if dist.is_main:
             write_outputs(ctx, result, time.time() - started)
             if cfg.tracking.register and tracker.run_id:
@@ -60,13 +70,15 @@ def train(dcfg: DictConfig) -> Evaluation:
     return result
 
 
-def stage_con(ctx: RunContext, encoder, resume: ResumePoint | None) -> Path:
+def stage_con(ctx: RunContext, encoder, resume: ResumePoint | None, train_source: TrainSourceFactory) -> Path:
     """Train stage con (or find its weights), then leave ``encoder`` frozen with the exact fp32
     weights (DeepSpeed cast the module to bf16 in place). Returns the stage-con export."""
     cfg, run_dir = ctx.cfg, ctx.run_dir
     con_done = resume is not None and (resume.stage == "gen" or resume.finished)
     if "con" in cfg.stage.run and not con_done:
-        con_path = train_con(ctx, encoder, resume if resume and resume.stage == "con" else None)
+        source = train_source(cfg.data, cfg.model, ctx.dist, cfg.run.seed)
+        evaluate = midstage_evaluator(ctx, encoder) if cfg.run.eval_every else None
+        con_path = train_con(ctx, encoder, source, resume if resume and resume.stage == "con" else None, evaluate)
     elif "con" in cfg.stage.run:
         con_path = run_dir / "con.pt"
     else:
@@ -91,11 +103,11 @@ def train_features(ctx: RunContext, encoder, con_path: Path) -> FeatureBank:
 
 def evaluate_encoder(ctx: RunContext, encoder, train_bank: FeatureBank | None
                      ) -> tuple[Evaluation, FeatureBank | None]:
-    """Rank 0 (the others wait at the end-of-run barrier): the test split scored plain, with dual
-    softmax and with QB-Norm, each logged; returns the evaluation and the test features."""
+    """Rank 0 (the others wait at the end-of-run barrier): the suite's encoder variants of the
+    test split, each logged; returns the evaluation and the test features."""
     if not ctx.dist.is_main:
         return Evaluation(), None
-    cfg, e = ctx.cfg, ctx.cfg.eval
+    cfg = ctx.cfg
     tokenizer = CaptionTokenizer(cfg.data.max_words)
 
     def encode(split: str, desc: str, max_captions: int = 0) -> FeatureBank:
@@ -104,35 +116,11 @@ def evaluate_encoder(ctx: RunContext, encoder, train_bank: FeatureBank | None
                             ctx.dist.device, torch.float32, desc, cfg.run.progress)
 
     test_bank = encode(cfg.data.test_split, "encode test")
-    result = evaluate_con(encoder, test_bank, e.block)
-    evaluate_dual_softmax(result, test_bank.text_to_video, e.dual_softmax_temperature)
-    if e.qb_bank > 0:
-        querybank = train_bank if train_bank is not None else encode(cfg.data.train_split, "encode querybank", e.qb_bank)
-        evaluate_qb_norm(result, encoder, test_bank, querybank, max_captions=e.qb_bank, k=e.qb_k, beta=e.qb_beta,
-                         block=e.block)
+    result, _ = score_encoder(encoder, test_bank, cfg.eval, querybank=lambda: train_bank if train_bank is not None
+                              else encode(cfg.data.train_split, "encode querybank", cfg.eval.qb_bank))
     for variant in result.metrics:
         log_evaluation(ctx, result, variant, step=0)
     return result, test_bank
-
-
-def evaluate_generator(ctx: RunContext, result: Evaluation, test_bank: FeatureBank | None, generators,
-                       abar: torch.Tensor) -> None:
-    """Rank 0: the generator re-ranks each query's top K of the stage-1 similarity."""
-    if not ctx.dist.is_main:
-        return
-    e = ctx.cfg.eval
-    evaluate_rerank(result, test_bank, generators, abar, topk=e.rerank_topk, alpha=e.rerank_alpha,
-                    steps=e.ddim_steps, seed=ctx.cfg.run.seed)
-    log_evaluation(ctx, result, "gen_rerank", step=0)
-
-
-def checkpoint_hook(dist):
-    """Under Ray Train every complete checkpoint is also reported to it (``ray.train.report``)."""
-    if dist.launcher != "ray":
-        return None
-    from trainer.ray_launcher import report_checkpoint
-
-    return report_checkpoint
 
 
 def file_identity(path: Path) -> dict:
@@ -149,20 +137,18 @@ def stage_gen_init(cfg: RootConfig, run_dir: Path, is_main: bool) -> Path:
         return path / "con.pt" if path.is_dir() else path
     path = run_dir / "con.pt"
     if is_main:
-        from trainer.registry import load_bundle
+        from trainer.serve.registry import load_bundle
 
         bundle = load_bundle(init, tracking_uri=cfg.tracking.uri)
-        export = {"format": EXPORT_FORMAT, "stage": "con", "source": init, "model_config": asdict(bundle.model_config),
-                  "max_frames": bundle.max_frames,
-                  "state_dict": {f"encoder.{k}": v for k, v in bundle.encoder.state_dict().items()}}
-        torch.save(export, path)
+        write_export(path, "con", {f"encoder.{k}": v for k, v in bundle.encoder.state_dict().items()},
+                     source=init, model_config=asdict(bundle.model_config), max_frames=bundle.max_frames)
     barrier()
     return path
 
 
 def register(ctx: RunContext, result: Evaluation, stage: str, con_path: Path) -> None:
     """The finished model into the MLflow registry; alias ``champion`` moves only on improvement."""
-    from trainer.registry import register_stage
+    from trainer.serve.registry import register_stage
 
     cfg = ctx.cfg
     version = register_stage(ctx.tracker.uri, ctx.tracker.run_id, ctx.run_dir, stage, result.metrics,

@@ -192,11 +192,11 @@ def _bench_wti(n: int, args, device: torch.device) -> dict[str, Any]:
 def _bench_eval(args, device: torch.device) -> dict[str, Any]:
     """The evaluation's two costly parts at --eval-n: the WTI similarity of every text against every
     video, then gen re-ranking of each query's top --eval-k in both directions through
-    ``trainer.evaluate.rerank`` with a randomly initialised generator pair of the real
+    ``trainer.evaluation.scoring.rerank`` with a randomly initialised generator pair of the real
     architecture (the cost does not depend on the weights). ``--eval-parts rerank`` alone ranks a
     random similarity matrix instead: the candidates change, the work does not."""
-    from trainer.evaluate import rerank
-    from trainer.features import FeatureBank
+    from trainer.evaluation.scoring import rerank
+    from trainer.components.features import FeatureBank
     from trainer.models.generator import Generators
 
     n, L, d = args.eval_n, args.tokens, args.dim

@@ -2,7 +2,7 @@
 1 and 2 DeepSpeed ranks (gloo on CPU, nccl on CUDA).
 
 Each rank is a process started with torch.multiprocessing and set up through
-``trainer.distributed.init_distributed``; it runs the real ``ContrastiveTask`` under the real
+``trainer.components.distributed.init_distributed``; it runs the real ``ContrastiveTask`` under the real
 engine (ZeRO stage, precision from the config) on fixed in-memory batches, so the figure is the
 optimisation step (encoders, global-batch gather, WTI loss, backward, gradient all-reduce, AdamW)
 without video decoding. ``--batch-size`` is per rank (weak scaling, like data.batch_size): the global
@@ -48,8 +48,8 @@ def _rank(rank: int, world: int, port: int, cfg_yaml: str, batch: int, steps: in
     from omegaconf import OmegaConf
 
     from trainer.config import RootConfig
-    from trainer.distributed import init_distributed
-    from trainer.engine import build_engine, engine_dtype
+    from trainer.components.distributed import init_distributed
+    from trainer.components.engine import build_engine, engine_dtype
     from trainer.models import build_encoder
     from trainer.stages.con import ContrastiveTask, param_groups
 
@@ -95,7 +95,7 @@ def _rank(rank: int, world: int, port: int, cfg_yaml: str, batch: int, steps: in
 def run(args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
 
-    from trainer.cli import compose
+    from trainer.launchers.cli import compose
 
     cfg = compose(list(args.overrides))
     cfg_yaml = OmegaConf.to_yaml(cfg)

@@ -1,5 +1,5 @@
 """The model library: importable and usable without the trainer (no Hydra, Ray or MLflow)."""
-from trainer.config import ModelConfig
+from trainer.models.config import ModelConfig
 from trainer.models.clip import build_clip, encode_words, load_clip_weights, read_clip_state_dict
 from trainer.models.encoder import RetrievalEncoder, TextFeatures, VideoFeatures
 from trainer.models.generator import Generators, TextToVideoGenerator, VideoToTextGenerator

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-from trainer.config import ModelConfig
+from trainer.models.config import ModelConfig
 
 # Keys in OpenAI's checkpoints that are metadata, not parameters.
 _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")

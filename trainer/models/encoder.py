@@ -13,7 +13,7 @@ from open_clip.model import CLIP
 from torch import nn
 
 from ops import wti_similarity
-from trainer.config import ModelConfig
+from trainer.models.config import ModelConfig
 from trainer.models.clip import encode_words
 from trainer.models.laff import LAFF, multihead_similarity
 

@@ -139,7 +139,7 @@ def distillation_targets(teacher_sim: Tensor, hard_targets: Tensor, alpha: float
     """y_hat = alpha * softmax(scale * teacher_sim, dim=1) + (1 - alpha) * hard_targets.
 
     teacher_sim [Nq, Nc]; hard_targets [Nq, Nc] with rows summing to 1 (e.g.
-    ``trainer.losses.positive_targets``), so y_hat rows sum to 1. No gradient."""
+    ``trainer.models.losses.positive_targets``), so y_hat rows sum to 1. No gradient."""
     if teacher_sim.shape != hard_targets.shape:
         raise ValueError(f"distillation_targets: teacher_sim {tuple(teacher_sim.shape)} and hard_targets "
                          f"{tuple(hard_targets.shape)} must have the same shape [Nq, Nc]")
@@ -163,7 +163,7 @@ def distilled_contrastive_loss(sim: Tensor, teacher_sim: Tensor, query_group: Te
 
     sim, teacher_sim [Nq, Nc]; query_group [Nq], pool_group [Nc]: video ids, equal ids are
     positives (several captions of one video). With alpha = 0 and no queue this is one direction
-    of ``trainer.losses.contrastive_loss``."""
+    of ``trainer.models.losses.contrastive_loss``."""
     pos = (query_group[:, None] == pool_group[None, :]).float()
     if not bool(pos.any(dim=1).all()):
         raise ValueError("distilled_contrastive_loss: a query has no positive in the pool; the pool "

@@ -6,23 +6,23 @@ import dataclasses
 import zlib
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ops import gather_with_grad
 from shards.decode import video_to_device
-from trainer.checkpoint import CheckpointManager, GracefulStop, Preempted, ResumePoint, export_stage
-from trainer.context import StepTimer
-from trainer.data import train_loader
-from trainer.engine import build_engine, engine_dtype, learning_rates
-from trainer.evaluate import evaluate_during_training
+from trainer.components.checkpoint import ResumePoint
+from trainer.components.data import TrainSource
+from trainer.components.engine import build_engine, engine_dtype
+from trainer.components.export import export_stage
+from trainer.components.loop import LoopState, epochs, run_stage
 from trainer.config import ConConfig
-from trainer.losses import contrastive_loss
 from trainer.models import RetrievalEncoder, TextFeatures, VideoFeatures
 from trainer.models.encoder import TEXT_FUSION_INPUTS, VIDEO_FUSION_INPUTS
 from trainer.models.laff import multihead_similarity
+from trainer.models.losses import contrastive_loss
 from trainer.models.momentum import FeatureQueue, MomentumTeacher, distilled_contrastive_loss
 
 
@@ -150,13 +150,14 @@ def contrastive_step(engine, batch: dict, dtype: torch.dtype, device: torch.devi
     return loss.item()
 
 
-def train_con(ctx, encoder: RetrievalEncoder, resume: ResumePoint | None = None) -> Path:
-    """The stage-con loop: stream batches, step the engine, log, checkpoint; resumable exactly."""
+def train_con(ctx, encoder: RetrievalEncoder, source: TrainSource, resume: ResumePoint | None = None,
+              evaluate: Callable[[int], float | None] | None = None) -> Path:
+    """Stage con on ``source``'s batches; resumable exactly. ``evaluate(step)`` (``run.eval_every``)
+    scores the encoder mid-stage: the best checkpoint is then the best evaluated one."""
     cfg, con = ctx.cfg, ctx.cfg.stage.con
-    loader = train_loader(cfg.data, cfg.model, ctx.dist, cfg.run.seed)
     # Steps are optimiser steps (stage.con.max_steps, the LR schedule, logging, checkpoints): each
     # takes deepspeed.grad_accum micro-batches of data.batch_size per rank.
-    total = con.max_steps or max(1, con.epochs * len(loader) // cfg.deepspeed.grad_accum)
+    total = con.max_steps or max(1, con.epochs * len(source) // cfg.deepspeed.grad_accum)
     # The small CLIP learning rate protects pretrained weights; a randomly initialised CLIP
     # (model.weights unset: tests, the synthetic job) must learn at the full rate.
     clip_coef = con.clip_lr_coef if cfg.model.weights else 1.0
@@ -164,55 +165,23 @@ def train_con(ctx, encoder: RetrievalEncoder, resume: ResumePoint | None = None)
     engine = build_engine(task, param_groups(encoder, con.lr, clip_coef), cfg.deepspeed,
                           micro_batch=cfg.data.batch_size, total_steps=total, warmup_ratio=con.warmup_ratio,
                           weight_decay=con.weight_decay)
-    ckpt = CheckpointManager(ctx.run_dir, "con", cfg.run.keep_last, ctx.shapes, before_save=ctx.tracker.flush,
-                             after_save=ctx.after_checkpoint)
-    # Best checkpoint by eval (t2v Rsum) when the run evaluates mid-stage, else by training loss.
-    eval_every = cfg.run.eval_every
-    step = samples = 0
-    loss = None  # the latest step's, recorded with each checkpoint for best-tag retention
+    eval_every = cfg.run.eval_every if evaluate is not None else 0
+    ckpt = ctx.checkpoints("con", best_by="eval" if eval_every else "loss")
+    state = ckpt.track("loop", LoopState())
+    ckpt.track("stream", source)
     if resume is not None:
-        client = ckpt.restore(engine, resume)
-        step, samples = client["step"], client["samples_seen"]
-        loader.load_state_dict(client["stream"])
+        ckpt.restore(engine, resume)
+    dtype, world = engine_dtype(engine), ctx.dist.world_size
 
-    def state() -> dict:
-        return {"stream": loader.state_dict(), "step": step, "samples_seen": samples,
-                "mlflow_run_id": ctx.tracker.run_id}
+    def micro_step(batch: dict) -> tuple[dict[str, float], int]:
+        return {"loss": contrastive_step(engine, batch, dtype, ctx.dist.device)}, len(batch["video_id"]) * world
 
-    dtype, timer = engine_dtype(engine), StepTimer()
-    window: list[float] = []  # micro-batch losses of the optimiser step in progress
-    progress = tqdm(total=total, initial=step, desc="stage con", disable=not (cfg.run.progress and ctx.dist.is_main))
-    with GracefulStop() as stop:
-        while step < total:
-            for batch in loader:  # the rest of the current epoch; the next pass starts the next epoch
-                timer.data_ready()
-                boundary = engine.is_gradient_accumulation_boundary()
-                window.append(contrastive_step(engine, batch, dtype, ctx.dist.device))
-                n = len(batch["video_id"]) * ctx.dist.world_size
-                samples += n
-                timer.step_done(n)
-                if not boundary:
-                    continue  # checkpoint only between optimiser steps: DeepSpeed saves no partial gradients
-                step, loss, window = step + 1, sum(window) / len(window), []
-                progress.update()
-                progress.set_postfix(loss=f"{loss:.3f}", epoch=loader.stream.epoch)
-                if step % con.log_every == 0 or step == total:
-                    ctx.log("con", {"loss": loss, "epoch": loader.stream.epoch, "samples_seen": samples,
-                                    "logit_scale": encoder.scale().item(), **task.fusion_weights,
-                                    **learning_rates(engine), **timer.read(),
-                                    **{f"data_{k}": v for k, v in loader.stream.counters.items()}}, step)
-                if step >= total:
-                    break
-                if stop.should_stop():
-                    ckpt.save(engine, step, state(), metric=None if eval_every else loss)
-                    raise Preempted(step)
-                if eval_every and step % eval_every == 0:
-                    # Checkpoint every evaluation, scored by it: `best` is then the best evaluated one.
-                    score = evaluate_during_training(ctx, encoder, step, dtype)
-                    ckpt.save(engine, step, state(), metric=None if score is None else -score)
-                elif cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
-                    ckpt.save(engine, step, state(), metric=None if eval_every else loss)
-    progress.close()
-    tag_dir = ckpt.save(engine, step, state(), finished=True, metric=None if eval_every else loss)
-    return export_stage(engine, ckpt, tag_dir, ctx.run_dir,
-                        export={"step": step, "model_config": asdict(cfg.model), "max_frames": cfg.data.max_frames})
+    def extra_metrics() -> dict[str, float]:
+        return {"epoch": source.epoch, "logit_scale": encoder.scale().item(), **task.fusion_weights,
+                **{f"data_{k}": v for k, v in source.counters.items()}}
+
+    tag_dir = run_stage(ctx, "con", engine, ckpt, state, total=total, micro_batches=epochs(source),
+                        micro_step=micro_step, log_every=con.log_every, extra_metrics=extra_metrics,
+                        evaluate=evaluate, eval_every=eval_every)
+    return export_stage(engine, "con", tag_dir, ctx.run_dir, step=state.step, model_config=asdict(cfg.model),
+                        max_frames=cfg.data.max_frames)

@@ -11,23 +11,15 @@ from dataclasses import asdict
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from ops import cosine_alphas_cumprod, linear_alphas_cumprod, mine_candidate_pools, q_sample
-from trainer.checkpoint import CheckpointManager, GracefulStop, Preempted, ResumePoint, export_stage
-from trainer.context import StepTimer
-from trainer.engine import build_engine, learning_rates
-from trainer.features import FeatureBank
-from trainer.losses import diffusion_loss
+from ops import alphas_cumprod, mine_candidate_pools, q_sample
+from trainer.components.checkpoint import ResumePoint
+from trainer.components.engine import build_engine
+from trainer.components.export import export_stage
+from trainer.components.features import FeatureBank
+from trainer.components.loop import LoopState, run_stage
 from trainer.models import Generators, RetrievalEncoder, build_generators
-
-
-def alphas_cumprod(schedule: str, timesteps: int) -> torch.Tensor:
-    if schedule == "cosine":
-        return cosine_alphas_cumprod(timesteps)
-    if schedule == "linear":
-        return linear_alphas_cumprod(timesteps)
-    raise ValueError(f"stage.gen.schedule must be 'cosine' or 'linear', got {schedule!r}")
+from trainer.models.losses import diffusion_loss
 
 
 class GenerationTask(nn.Module):
@@ -95,9 +87,9 @@ def global_batch(text_idx: torch.Tensor, video_idx: torch.Tensor) -> tuple[torch
     return both[0], both[1], torch.arange(rank * n, (rank + 1) * n)
 
 
-def generation_step(engine, encoder: RetrievalEncoder, bank: FeatureBank, batch_size: int, pool_size: int,
-                    rng: torch.Generator) -> dict[str, float]:
-    text_idx, video_idx, rows = global_batch(*sample_pairs(bank, batch_size, rng))
+def generation_step(engine, encoder: RetrievalEncoder, bank: FeatureBank, pairs: tuple[torch.Tensor, torch.Tensor],
+                    pool_size: int) -> dict[str, float]:
+    text_idx, video_idx, rows = global_batch(*pairs)
     sim = stage1_similarity(encoder, bank, text_idx, video_idx)
     groups = video_idx  # a pair's group is its video: copies of one video are never each other's negatives
     pool = min(pool_size, int(groups.unique().numel()))
@@ -105,6 +97,29 @@ def generation_step(engine, encoder: RetrievalEncoder, bank: FeatureBank, batch_
     engine.backward(loss)
     engine.step()
     return {"loss": loss.item(), **parts}
+
+
+class PairSampler:
+    """This rank's stream of query batches: ``sample_pairs`` drawn from its own seeded generator.
+    Its state is every rank's generator state, gathered (DeepSpeed writes rank 0's client state)."""
+
+    def __init__(self, bank: FeatureBank, batch_size: int, seed: int, rank: int, world_size: int):
+        self.bank, self.batch_size, self.rank, self.world_size = bank, batch_size, rank, world_size
+        self.rng = torch.Generator().manual_seed(seed * 1000 + rank)
+
+    def __iter__(self):
+        while True:
+            yield sample_pairs(self.bank, self.batch_size, self.rng)
+
+    def state_dict(self) -> dict:
+        states = [self.rng.get_state()]
+        if torch.distributed.is_initialized() and self.world_size > 1:
+            states = [None] * self.world_size
+            torch.distributed.all_gather_object(states, self.rng.get_state())
+        return {"ranks": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.set_state(state["ranks"][self.rank])
 
 
 def train_gen(ctx, encoder: RetrievalEncoder, bank: FeatureBank,
@@ -120,43 +135,17 @@ def train_gen(ctx, encoder: RetrievalEncoder, bank: FeatureBank,
                           [{"params": list(generators.parameters()), "lr": gen.lr}], cfg.deepspeed,
                           micro_batch=gen.batch_size, total_steps=total, warmup_ratio=gen.warmup_ratio,
                           weight_decay=gen.weight_decay)
-    ckpt = CheckpointManager(ctx.run_dir, "gen", cfg.run.keep_last, ctx.shapes, before_save=ctx.tracker.flush,
-                             after_save=ctx.after_checkpoint)
-    rng = torch.Generator().manual_seed(cfg.run.seed * 1000 + ctx.dist.rank)
-    step = 0
-    metrics: dict[str, float] = {}  # the latest step's; its loss goes with each checkpoint
+    ckpt = ctx.checkpoints("gen")
+    state = ckpt.track("loop", LoopState())
+    pairs = ckpt.track("pairs", PairSampler(bank, gen.batch_size, cfg.run.seed, ctx.dist.rank, ctx.dist.world_size))
     if resume is not None:
-        client = ckpt.restore(engine, resume)
-        step = client["step"]
-        rng.set_state(client["pair_rng"][ctx.dist.rank])
+        ckpt.restore(engine, resume)
+    samples = min(gen.batch_size, bank.num_videos) * ctx.dist.world_size
 
-    def state() -> dict:
-        states = [rng.get_state()]
-        if torch.distributed.is_initialized() and ctx.dist.world_size > 1:
-            states = [None] * ctx.dist.world_size
-            torch.distributed.all_gather_object(states, rng.get_state())
-        return {"step": step, "pair_rng": states, "mlflow_run_id": ctx.tracker.run_id}
+    def micro_step(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict[str, float], int]:
+        return generation_step(engine, encoder, bank, batch, gen.pool_size), samples
 
-    timer = StepTimer()
-    progress = tqdm(total=total, initial=step, desc="stage gen", disable=not (cfg.run.progress and ctx.dist.is_main))
-    with GracefulStop() as stop:
-        while step < total:
-            timer.data_ready()
-            boundary = engine.is_gradient_accumulation_boundary()  # steps count optimizer updates
-            metrics = generation_step(engine, encoder, bank, gen.batch_size, gen.pool_size, rng)
-            timer.step_done(min(gen.batch_size, bank.num_videos) * ctx.dist.world_size)
-            if not boundary:
-                continue
-            step += 1
-            progress.update()
-            if step % gen.log_every == 0 or step == total:
-                ctx.log("gen", {**metrics, **learning_rates(engine), **timer.read()}, step)
-            if step < total and stop.should_stop():
-                ckpt.save(engine, step, state(), metric=metrics.get("loss"))
-                raise Preempted(step)
-            if step < total and cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
-                ckpt.save(engine, step, state(), metric=metrics.get("loss"))
-    progress.close()
-    tag_dir = ckpt.save(engine, step, state(), finished=True, metric=metrics.get("loss"))
-    export_stage(engine, ckpt, tag_dir, ctx.run_dir, export={"step": step, "model_config": asdict(cfg.model)})
+    tag_dir = run_stage(ctx, "gen", engine, ckpt, state, total=total, micro_batches=iter(pairs),
+                        micro_step=micro_step, log_every=gen.log_every)
+    export_stage(engine, "gen", tag_dir, ctx.run_dir, step=state.step, model_config=asdict(cfg.model))
     return engine.module.generators, abar

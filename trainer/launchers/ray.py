@@ -3,12 +3,13 @@
 The driver (this process: a local script, or the entrypoint of ``ray job submit``) packs the
 shards if needed, builds the Ray Data pipeline of the train split (``shards.ray_source``) and hands
 it to the trainer, which splits it equally across the workers. Ray Train brings up the gloo/nccl
-process group and sets RANK/WORLD_SIZE/LOCAL_RANK; ``trainer.distributed.init_distributed``
-adopts that group, and ``trainer.data.train_loader`` reads the worker's dataset shard
-(``RayTrainLoader``) instead of the local ``ShardStream``. Rank 0 logs to MLflow, as everywhere.
+process group and sets RANK/WORLD_SIZE/LOCAL_RANK; ``trainer.components.distributed.init_distributed``
+adopts that group. Each worker calls ``run.train`` with this launcher's two differences: its train
+source is the worker's dataset shard (``RayTrainLoader``, a ``TrainSource``) and every complete
+checkpoint is reported to Ray Train. Rank 0 logs to MLflow, as everywhere.
 
-Run: ``python -m trainer.ray_launcher launcher=ray [overrides]``, or
-``ray job submit --address http://<head>:8265 -- python -m trainer.ray_launcher launcher=ray ...``.
+Run: ``python launch/train.py launcher=ray [overrides]``, or
+``ray job submit --address http://<head>:8265 -- python launch/train.py launcher=ray ...``.
 """
 from __future__ import annotations
 
@@ -18,56 +19,47 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from trainer.cli import REPO_ROOT
+from trainer.launchers.cli import REPO_ROOT
 from trainer.config import DataConfig, ModelConfig, RootConfig
-from trainer.distributed import LAUNCHER_ENV, DistInfo
+from trainer.components.distributed import DistInfo
 
 TRAIN_DATASET = "train"
 
 
-class _RayStreamState:
-    """What the stage loops read from ``loader.stream``: the epoch and the skip counters."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.counters: dict[str, int] = {}
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-
 class RayTrainLoader:
-    """A Ray Train worker's shard of the train dataset in the ``StreamLoader`` interface.
+    """A Ray Train worker's shard of the train dataset, as a ``trainer.components.data.TrainSource``.
 
     Each ``iter`` is one pass (epoch) over this worker's equal split; batches are dropped at the
     tail so every rank takes the same number of steps (the loss gathers across ranks). Resume
-    restores the epoch only: Ray Data streaming has no exact mid-epoch position.
+    restores the epoch only: Ray Data streaming has no exact mid-epoch position. Skips happen in
+    the decode actors, so ``counters`` stays empty here.
     """
 
     def __init__(self, dataset_shard, *, batch_size: int, num_samples: int, world_size: int, shuffle_buffer: int):
         self.dataset_shard, self.batch_size = dataset_shard, batch_size
         self.num_samples, self.world_size, self.shuffle_buffer = num_samples, world_size, shuffle_buffer
-        self.stream = _RayStreamState()
+        self.epoch = 0
+        self.counters: dict[str, int] = {}
 
     def __len__(self) -> int:
         return max(1, self.num_samples // self.world_size // self.batch_size)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.stream.epoch}
+        return {"epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.stream.set_epoch(int(state.get("epoch", 0)))
+        self.epoch = int(state.get("epoch", 0))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from shards.ray_source import iter_train_batches
 
         yield from iter_train_batches(self.dataset_shard, self.batch_size, drop_last=True,
                                       local_shuffle_buffer_size=self.shuffle_buffer or None)
-        self.stream.epoch += 1
+        self.epoch += 1
 
 
-def ray_train_loader(data: DataConfig, model: ModelConfig, dist: DistInfo, seed: int) -> RayTrainLoader:
-    """The data seam's Ray branch (``trainer.data.train_loader``), called inside a Ray Train worker."""
+def ray_train_source(data: DataConfig, model: ModelConfig, dist: DistInfo, seed: int) -> RayTrainLoader:
+    """The train source of a Ray Train worker (``run.train``'s ``train_source`` under launcher=ray)."""
     import ray.train
 
     from shards.index import read_index
@@ -75,7 +67,7 @@ def ray_train_loader(data: DataConfig, model: ModelConfig, dist: DistInfo, seed:
     shard = ray.train.get_dataset_shard(TRAIN_DATASET)
     if shard is None:
         raise RuntimeError(f"no Ray Train dataset {TRAIN_DATASET!r} in this worker: start Ray runs through "
-                           "trainer/ray_launcher.py (launcher=ray), which passes it to the TorchTrainer")
+                           "launch/train.py launcher=ray, which passes it to the TorchTrainer")
     total = int(read_index(Path(data.shards), data.train_split)["total_samples"])
     return RayTrainLoader(shard, batch_size=data.batch_size, num_samples=total, world_size=dist.world_size,
                           shuffle_buffer=data.shuffle_buffer)
@@ -96,9 +88,9 @@ def _train_worker(config: dict) -> None:
 
     from trainer.run import train
 
-    os.environ[LAUNCHER_ENV] = "ray"
-    # Typed again (RootConfig), as trainer.cli.compose returns it: run.train reads it as dataclasses.
-    train(OmegaConf.merge(OmegaConf.structured(RootConfig), config["cfg"]))
+    # Typed again (RootConfig), as trainer.launchers.cli.compose returns it: run.train reads it as dataclasses.
+    train(OmegaConf.merge(OmegaConf.structured(RootConfig), config["cfg"]), train_source=ray_train_source,
+          after_checkpoint=report_checkpoint)
 
 
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
@@ -125,7 +117,7 @@ def launch_ray(dcfg) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from shards.ray_source import ray_dataset
-    from trainer.data import ensure_shards
+    from trainer.components.data import ensure_shards
 
     cfg = OmegaConf.to_object(dcfg)
     lc = cfg.launcher
@@ -150,22 +142,17 @@ def launch_ray(dcfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.cli import ConfigError, load_config
+    from trainer.launchers.cli import ConfigError, load_config
+    from trainer.launchers.errors import run_entry_point
 
-    try:
+    def load():
         cfg = load_config(argv)
-    except ConfigError as err:
-        print(err.message, file=sys.stderr)
-        return 2
-    if cfg.launcher.name != "ray":
-        print(f"error: trainer/ray_launcher.py needs launcher=ray (got launcher={cfg.launcher.name}); "
-              "use launch/train.py for local and deepspeed runs", file=sys.stderr)
-        return 2
-    from trainer.errors import user_errors
+        if cfg.launcher.name != "ray":
+            raise ConfigError(f"error: trainer/launchers/ray.py needs launcher=ray (got launcher={cfg.launcher.name}); "
+                              "use launch/train.py for local and deepspeed runs")
+        return cfg
 
-    with user_errors():
-        launch_ray(cfg)
-    return 0
+    return run_entry_point(load, launch_ray)
 
 
 if __name__ == "__main__":

@@ -25,95 +25,20 @@ import collections
 import json
 import logging
 import math
-import re
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from trainer.components.mlflow_store import (TrackingUnavailable, _absolute_sqlite_uri, _describe, _probe_http,
+                                             _unavailable, flatten_params, sanitize_metric_name)
+
 log = logging.getLogger(__name__)
 
-# MLflow's own limits (mlflow.utils.validation); copied so rank != 0 never imports mlflow.
-MAX_PARAM_VALUE_LENGTH = 6000
-MAX_KEY_LENGTH = 250
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_BUFFERED_POINTS = 100_000
-PROBE_TIMEOUT_S = 3.0
-
-_FORBIDDEN_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
-
-
-def sanitize_metric_name(name: str) -> str:
-    """Make ``name`` a valid MLflow metric/param key: ``"t2v_R@1" -> "t2v_R_at_1"``.
-
-    Keeps ``[A-Za-z0-9_-. /]``; every other character becomes ``_``. Slashes are kept for grouping
-    (``eval/con/t2v_R1``) but empty, ``.`` and ``..`` path segments are dropped because MLflow
-    rejects names that normalise to a different path.
-    """
-    name = str(name).replace("@", "_at_")
-    name = _FORBIDDEN_NAME_CHARS.sub("_", name)
-    segments = [s for s in name.split("/") if s not in ("", ".", "..")]
-    name = "/".join(segments) or "_"
-    return name[:MAX_KEY_LENGTH]
-
-
-def flatten_params(cfg: dict, prefix: str = "") -> dict[str, str]:
-    """Flatten a nested config into MLflow params: ``{"data": {"batch_size": 32}}`` ->
-    ``{"data.batch_size": "32"}``. Values become strings cut to MLflow's 6000-character limit."""
-    flat: dict[str, str] = {}
-    for key, value in cfg.items():
-        full_key = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            flat.update(flatten_params(value, full_key))
-        else:
-            flat[full_key] = str(value)[:MAX_PARAM_VALUE_LENGTH]
-    return flat
-
-
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking store could not be reached or opened when starting the run."""
-
-
-def _describe(exc: BaseException) -> str:
-    """One line: MLflow/SQLAlchemy errors carry whole SQL statements and tracebacks."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-def _unavailable(uri: str, cause: object) -> TrackingUnavailable:
-    return TrackingUnavailable(
-        f"MLflow tracking store {uri!r} is unavailable ({cause}). Start the server "
-        f"(e.g. `mlflow server --host 127.0.0.1 --port 5000`), fix the tracking URI in the config, "
-        f"or use a local store such as 'sqlite:///mlflow.db'."
-    )
-
-
-def _probe_http(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    """Fail fast on an unreachable server: MLflow's own client retries for minutes."""
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        pass  # the server answered; auth or routing problems surface from MLflow itself
-    except OSError as exc:  # URLError, refused, timed out (limit timeout_s), DNS failure
-        reason = getattr(exc, "reason", exc)
-        raise _unavailable(uri, f"probe of {uri.rstrip('/')}/health failed: {reason}") from exc
-
-
-def _absolute_sqlite_uri(uri: str) -> tuple[str, Path | None]:
-    """Pin a relative ``sqlite:///mlflow.db`` to the current directory, so a later chdir
-    (Hydra, launchers) cannot split one run across two databases. Returns (uri, db path)."""
-    if not uri.startswith("sqlite:///"):
-        return uri, None
-    rest = uri[len("sqlite:///"):]
-    path_part, sep, query = rest.partition("?")
-    if path_part in ("", ":memory:"):
-        return uri, None
-    db_path = Path(path_part).expanduser().resolve()
-    return "sqlite:///" + db_path.as_posix() + (sep + query), db_path
 
 
 class MetricsLogger:

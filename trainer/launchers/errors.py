@@ -8,7 +8,7 @@ from typing import Callable, TypeVar
 
 from shards.corpora.common import AnnotationError
 from shards.manifest import ManifestError
-from trainer.tracking import TrackingUnavailable
+from trainer.components.mlflow_store import TrackingUnavailable
 
 USER_ERRORS = (FileNotFoundError, AnnotationError, ManifestError, TrackingUnavailable)
 Loaded = TypeVar("Loaded")
@@ -25,8 +25,9 @@ def user_errors():
 
 def run_entry_point(load: Callable[[], Loaded], body: Callable[[Loaded], object]) -> int:
     """An entry point's frame: ``load`` parses argv and composes the config (a ConfigError is one
-    line and exit 2), then ``body`` runs with user-input problems reported the same way."""
-    from trainer.cli import ConfigError
+    line and exit 2), then ``body`` runs with user-input problems reported the same way. The exit
+    code is what ``body`` returns when that is an int, else 0."""
+    from trainer.launchers.cli import ConfigError
 
     try:
         loaded = load()
@@ -34,5 +35,5 @@ def run_entry_point(load: Callable[[], Loaded], body: Callable[[Loaded], object]
         print(err.message, file=sys.stderr)
         return 2
     with user_errors():
-        body(loaded)
-    return 0
+        code = body(loaded)
+    return code if isinstance(code, int) else 0

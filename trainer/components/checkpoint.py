@@ -7,10 +7,15 @@ id) and each rank's RNG states. A tag counts only once its ``COMPLETE`` marker e
 finds. ``<run_dir>/<stage>.pt`` is the stage's exported fp32 weights plus the model config needed
 to rebuild them: what stage gen, eval.py and the registry load.
 
-Retention: the last ``keep_last`` complete tags, plus the best one by the metric the loop recorded
-in each marker (lower is better), named by ``<stage dir>/best``. The stages evaluate only after
-training, so that metric is the training loss of the saved step's batch (the global batch in stage
-con, rank 0's batch in stage gen): a noisy proxy, not an evaluation score.
+The manager owns its cadence (``maybe_save`` saves every ``every`` optimizer steps) and the state
+it saves: stage loops register their stateful parts once (``track("stream", source)``: anything
+with ``state_dict``/``load_state_dict``) and the manager writes and restores them all together.
+
+Retention: the last ``keep_last`` complete tags, plus the best one by the metric recorded in each
+marker (lower is better), named by ``<stage dir>/best``. With ``best_by="eval"`` (stage con under
+``run.eval_every``) the metric is the negated evaluation score of the checkpoints saved after an
+evaluation; otherwise it is the training loss of the saved step (the global batch in stage con,
+rank 0's batch in stage gen): a noisy proxy, not an evaluation score.
 """
 from __future__ import annotations
 
@@ -18,17 +23,20 @@ import json
 import os
 import random
 import shutil
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
-EXPORT_FORMAT = 1
 MARKER = "COMPLETE"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -117,13 +125,20 @@ def best_tag(complete: list[Path]) -> Path | None:
 
 
 class CheckpointManager:
-    """Save/restore one stage's engine + client state; keep the last ``keep_last`` complete tags and
-    the best by the metric passed to :meth:`save` (lower is better)."""
+    """Save/restore one stage's engine + the state registered with :meth:`track`; save on the
+    cadence ``every`` (optimizer steps, 0 = only when told); keep the last ``keep_last`` complete
+    tags and the best by recorded metric (lower is better)."""
 
-    def __init__(self, run_dir: Path, stage: str, keep_last: int, shapes: dict, before_save=None,
-                 after_save=None):
+    def __init__(self, run_dir: Path, stage: str, keep_last: int, shapes: dict, *, every: int = 0,
+                 best_by: str = "loss", run_id: Callable[[], str | None] = lambda: None,
+                 before_save: Callable[[], None] | None = None,
+                 after_save: Callable[[Path, int], None] | None = None):
+        if best_by not in ("loss", "eval"):
+            raise ValueError(f"best_by must be 'loss' or 'eval', got {best_by!r}")
         self.dir = run_dir / "checkpoints" / stage
         self.stage, self.keep_last, self.shapes = stage, max(1, keep_last), shapes
+        self.every, self.best_by, self.run_id = every, best_by, run_id
+        self.tracked: dict[str, Stateful] = {}
         # Called first on every save: the metrics logger flushes, so a run killed right after a
         # checkpoint has every step up to it in MLflow and the resumed run continues the history.
         self.before_save = before_save
@@ -131,23 +146,41 @@ class CheckpointManager:
         # itself (Ray Train) is told about each complete one.
         self.after_save = after_save
 
-    def save(self, engine, step: int, client_state: dict, *, finished: bool = False,
-             metric: float | None = None) -> Path:
-        """Checkpoint ``step``; ``metric`` (lower is better, e.g. the step's training loss) makes the
-        tag a candidate for the best one, which pruning keeps besides the last ``keep_last``."""
+    def track(self, name: str, obj: Stateful) -> Stateful:
+        """Save ``obj.state_dict()`` under ``name`` with every checkpoint and restore it on resume."""
+        self.tracked[name] = obj
+        return obj
+
+    def maybe_save(self, engine, step: int, loss: float | None) -> Path | None:
+        """Checkpoint when ``step`` is on the cadence."""
+        if self.every and step % self.every == 0:
+            return self.save(engine, step, loss=loss)
+        return None
+
+    def save_scored(self, engine, step: int, score: float | None) -> Path:
+        """Checkpoint right after an evaluation, ranked by its score (higher is better)."""
+        return self._save(engine, step, finished=False, metric=None if score is None else -score)
+
+    def save(self, engine, step: int, *, finished: bool = False, loss: float | None = None) -> Path:
+        """Checkpoint ``step``; under ``best_by="loss"`` the loss makes it a candidate for ``best``."""
+        return self._save(engine, step, finished=finished, metric=loss if self.best_by == "loss" else None)
+
+    def _save(self, engine, step: int, *, finished: bool, metric: float | None) -> Path:
         tag = f"step{step:08d}"
         tag_dir = self.dir / tag
         if (tag_dir / MARKER).is_file():
             return tag_dir  # this step is already saved (e.g. SIGTERM right after a periodic save)
         if self.before_save is not None:
             self.before_save()
+        client_state = {name: obj.state_dict() for name, obj in self.tracked.items()}
+        client_state.update(step=step, mlflow_run_id=self.run_id())
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), tag_dir / f"rng_rank{engine.global_rank}.pt")
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank's files are on disk before the marker
         if engine.global_rank == 0:
             marker = {"stage": self.stage, "step": step, "finished": finished, "shapes": self.shapes,
-                      "mlflow_run_id": client_state.get("mlflow_run_id"),
+                      "mlflow_run_id": client_state["mlflow_run_id"],
                       "metric": None if metric is None else float(metric)}
             _atomic_write(tag_dir / MARKER, json.dumps(marker, indent=2))
             _atomic_write(self.dir / "latest", tag)
@@ -173,106 +206,20 @@ class CheckpointManager:
             _atomic_write(self.dir / "best", best.name)
         return sorted(removed, key=lambda p: p.name)
 
-    def restore(self, engine, point: ResumePoint) -> dict:
-        """Load engine state from ``point``; returns our client state; restores this rank's RNG."""
+    def restore(self, engine, point: ResumePoint) -> int:
+        """Load the engine state and every tracked object from ``point``, restore this rank's RNG;
+        returns the step the checkpoint was taken at."""
         _, client = engine.load_checkpoint(str(point.tag_dir.parent), tag=point.tag_dir.name,
                                            load_optimizer_states=True, load_lr_scheduler_states=True)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load {point.tag_dir}")
+        missing = [name for name in self.tracked if name not in client]
+        if missing:
+            raise ValueError(f"{point.tag_dir}: the checkpoint holds no {', '.join(missing)} state (written by an "
+                             "older streamret?); start a new run.dir or resume with the version that wrote it")
+        for name, obj in self.tracked.items():
+            obj.load_state_dict(client[name])
         rng_file = point.tag_dir / f"rng_rank{engine.global_rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
-        return client
-
-
-class GracefulStop:
-    """SIGTERM/SIGINT ask the loop to finish its step, checkpoint and exit 0 (preemption)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self) -> "GracefulStop":
-        # Python installs handlers from the main thread only; Ray Train runs the loop in another
-        # thread (preemption there comes through Ray, not a signal to this process).
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def should_stop(self) -> bool:
-        """True on every rank as soon as one rank was signalled."""
-        flag = torch.tensor([int(self.requested)])
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class Preempted(SystemExit):
-    """Raised after the checkpoint on SIGTERM/SIGINT: the process exits 0 and resumes later."""
-
-    def __init__(self, step: int):
-        super().__init__(0)
-        self.step = step
-
-
-def fp32_state_dict(engine, save_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The module's weights in fp32: with bf16/fp16 the exact values live in ZeRO's fp32 master
-    copy, so read them back from the checkpoint just written rather than upcasting 16-bit ones."""
-    if engine.zero_optimization_stage() > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
-        # Frozen parameters (no master copy) and buffers come from the module itself.
-        for k, v in engine.module.state_dict().items():
-            state.setdefault(k, v)
-    else:
-        state = engine.module.state_dict()
-    # ZeRO-2/3 hand back frozen parameters in the module's 16-bit dtype: everything leaves as fp32.
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def export_stage(engine, manager: CheckpointManager, tag_dir: Path, run_dir: Path, export: dict) -> Path:
-    """``<run_dir>/<stage>.pt``: fp32 weights + what is needed to rebuild the model."""
-    path = run_dir / f"{manager.stage}.pt"
-    if engine.global_rank == 0:
-        payload = dict(export, format=EXPORT_FORMAT, stage=manager.stage,
-                       state_dict=fp32_state_dict(engine, tag_dir.parent, tag_dir.name))
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # a crash mid-write never leaves a torn file under the real name
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return path
-
-
-def load_export(path: Path) -> dict:
-    if path.is_dir():
-        path = path / "con.pt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no stage checkpoint at {path}: run stage con first (stage=con or stage=all) or set "
-            "stage.gen.init=<run_dir | path to con.pt>"
-        )
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: not a streamret stage export (format {payload.get('format')!r})")
-    return payload
-
-
-def load_into(module: nn.Module, payload: dict, prefix: str, source: Path) -> None:
-    """Load the ``prefix``-ed part of an exported state dict into ``module``, refusing shape changes."""
-    state = {k.removeprefix(prefix): v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
-    own = module.state_dict()
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{source}: shapes differ from this config's model ({'; '.join(bad[:3])}); "
-                         "use the model/data config the checkpoint was trained with")
-    module.load_state_dict(state, strict=True)
+        return int(client["step"])

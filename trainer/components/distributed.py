@@ -16,7 +16,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    launcher: str = "local"  # local | deepspeed | ray: where train batches come from (trainer/data.py)
+    adopted: bool = False  # the process group was already up (Ray Train's workers) and was adopted
 
     @property
     def is_main(self) -> bool:
@@ -38,7 +38,6 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-LAUNCHER_ENV = "STREAMRET_LAUNCHER"  # set by trainer/ray_launcher.py in each Ray Train worker
 SHM_COMM_ENV = "STREAMRET_DS_SHM_COMM"  # "1": let DeepSpeed build its CPU shared-memory comm op
 
 
@@ -82,8 +81,7 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
         _skip_shm_comm_op()
     # With a live group DeepSpeed only wraps it in deepspeed.comm (the engine needs that).
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    launcher = os.environ.get(LAUNCHER_ENV) or ("deepspeed" if int(os.environ["WORLD_SIZE"]) > 1 else "local")
-    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, dev, launcher)
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, dev, adopted)
 
 
 def barrier() -> None:

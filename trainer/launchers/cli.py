@@ -9,14 +9,13 @@ import argparse
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import RootConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 REPO_ROOT = CONF_DIR.parent
 
 # Keys that hold filesystem paths: made absolute at start, because a Ray job's working dir is
@@ -32,14 +31,9 @@ class ConfigError(SystemExit):
         self.message = message
 
 
-@dataclass
-class LaunchArgs:
-    overrides: list[str]
-    local_rank: int | None
-
-
-def parse_launcher_args(argv: list[str]) -> LaunchArgs:
-    """Split argv into launcher flags and Hydra overrides; ``--stage X`` becomes ``stage=X``."""
+def parse_launcher_args(argv: list[str]) -> list[str]:
+    """argv -> Hydra overrides: ``--stage X`` becomes ``stage=X``; DeepSpeed's ``--local_rank=N``
+    sets LOCAL_RANK (the environment is where ranks are read from)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
     parser.add_argument("--stage", default=None)
@@ -55,7 +49,7 @@ def parse_launcher_args(argv: list[str]) -> LaunchArgs:
         overrides.append(f"stage={known.stage}")
     if known.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(known.local_rank))
-    return LaunchArgs(overrides=overrides, local_rank=known.local_rank)
+    return overrides
 
 
 def _register_schema() -> None:
@@ -116,9 +110,4 @@ def _absolutize_paths(cfg: DictConfig) -> None:
 
 def load_config(argv: list[str] | None = None) -> DictConfig:
     """Entry-point helper: argv -> config; config errors print one line and exit 2."""
-    args = parse_launcher_args(sys.argv[1:] if argv is None else argv)
-    return compose(args.overrides)
-
-
-def to_container(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose(parse_launcher_args(sys.argv[1:] if argv is None else argv))

@@ -1,21 +1,23 @@
-"""The data source of a training run: corpus -> shards (packed once) -> streams -> batches.
+"""The data of a training run: corpus -> shards (packed once) -> streams -> batches.
 
-This is the seam between the trainer and where samples come from: the local path below reads
-shards with ``shards.ShardStream`` in DataLoader workers; a Ray Data source plugs in here too.
+``TrainSource`` is the seam between a stage loop and where its batches come from: what a loop may
+read. ``local_train_source`` (``shards.ShardStream`` in DataLoader workers) implements it; the Ray
+launcher's source (``trainer.launchers.ray``) implements it too and is handed to ``run.train`` by
+that launcher, so nothing here knows about Ray.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
-from typing import TYPE_CHECKING
-
-from shards.index import ShardsNotFound, index_path, read_index, verify_split
+from shards.index import ShardsNotFound, VerifyReport, index_path, read_index, verify_split
 from shards.manifest import ManifestCorpus
 from shards.probe import Transcode
 from shards.synthetic import generate_synthetic_corpus
 from shards.writer import PackReport, pack_split
+from trainer.components.distributed import DistInfo
 from trainer.config import DataConfig, ModelConfig
-from trainer.distributed import DistInfo
 
 if TYPE_CHECKING:  # the stream pulls in torch, decord and open_clip: packing does not need them
     from shards.loader import StreamLoader
@@ -48,32 +50,41 @@ def transcode_spec(data: DataConfig) -> Transcode | None:
                      fastdecode=p.transcode_fastdecode)
 
 
-def pack_corpus(data: DataConfig, splits: list[str], *, progress: bool, force: bool = False) -> list[PackReport]:
-    """Pack each split that has no shards yet (all of them with ``force``)."""
-    reports = []
+@dataclass
+class SplitPack:
+    """One split's outcome in :func:`pack_corpus`."""
+
+    split: str
+    report: PackReport | None  # None: it was packed already and left alone
+    verified: VerifyReport | None  # with data.pack.verify: every shard re-read against the index
+
+
+def pack_corpus(data: DataConfig, splits: list[str], *, progress: bool, force: bool = False) -> list[SplitPack]:
+    """Pack each split that has no shards yet (all of them with ``force`` or ``data.pack.force``),
+    through Ray tasks when ``data.pack.ray_address`` is set; verify each with ``data.pack.verify``."""
+    shard_dir, outcomes = Path(data.shards), []
     for split in splits:
-        if not (force or data.pack.force) and index_path(Path(data.shards), split).is_file():
-            continue
-        reports.append(pack_split(corpus_records(data, split), Path(data.shards), split,
-                                  shard_bytes=data.pack.shard_mb * 2**20, workers=data.pack.workers,
-                                  transcode=transcode_spec(data), progress=progress,
-                                  ray_address=data.pack.ray_address))
-        if data.pack.verify:
-            report = verify_split(Path(data.shards), split)
-            if not report.ok:
-                raise RuntimeError(f"verification of {data.shards}/{split} failed: {report}")
-    return reports
+        report = None
+        if force or data.pack.force or not index_path(shard_dir, split).is_file():
+            report = pack_split(corpus_records(data, split), shard_dir, split,
+                                shard_bytes=data.pack.shard_mb * 2**20, workers=data.pack.workers,
+                                transcode=transcode_spec(data), progress=progress,
+                                ray_address=data.pack.ray_address)
+        outcomes.append(SplitPack(split, report, verify_split(shard_dir, split) if data.pack.verify else None))
+    return outcomes
 
 
-def ensure_shards(data: DataConfig, *, progress: bool) -> list[PackReport]:
+def ensure_shards(data: DataConfig, *, progress: bool) -> None:
     """The embedded synthetic corpus is generated and packed on first use; any other corpus must
     already be packed (``python launch/pack.py``). Both splits are checked here, before anything
     is written, so a wrong path or an empty split fails at once, not mid-run."""
     splits = [data.train_split, data.test_split]
-    reports = pack_corpus(data, splits, progress=progress) if data.corpus == "synthetic" else []
+    if data.corpus == "synthetic":
+        for outcome in pack_corpus(data, splits, progress=progress):
+            if outcome.verified is not None and not outcome.verified.ok:
+                raise RuntimeError(f"verification of {data.shards}/{outcome.split} failed: {outcome.verified}")
     for split in splits:
         read_index(Path(data.shards), split)  # raises ShardsNotFound with the fix in its message
-    return reports
 
 
 def quarantine_counts(data: DataConfig) -> dict[str, int]:
@@ -85,11 +96,30 @@ def quarantine_counts(data: DataConfig) -> dict[str, int]:
     return counts
 
 
-def train_loader(data: DataConfig, model: ModelConfig, dist: DistInfo, seed: int) -> "StreamLoader":
-    if dist.launcher == "ray":  # a Ray Train worker: its split of the driver's Ray Data pipeline
-        from trainer.ray_launcher import ray_train_loader
+class TrainSource(Protocol):
+    """Batches for one rank: each ``iter`` is the rest of the current epoch (the next ``iter``
+    starts the next one); batch dicts as ``shards.loader.StreamLoader`` yields them."""
 
-        return ray_train_loader(data, model, dist, seed)
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def __len__(self) -> int: ...  # batches per epoch on this rank
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def counters(self) -> dict[str, int]: ...  # samples skipped so far, by reason (data_* metrics)
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+TrainSourceFactory = Callable[[DataConfig, ModelConfig, DistInfo, int], TrainSource]
+
+
+def local_train_source(data: DataConfig, model: ModelConfig, dist: DistInfo, seed: int) -> "StreamLoader":
+    """This rank's part of the train split, read by ``ShardStream`` in DataLoader workers."""
     from shards.loader import build_loader
     from shards.stream import ShardStream
 
@@ -111,4 +141,5 @@ def eval_loader(data: DataConfig, model: ModelConfig, split: str) -> "StreamLoad
                         num_workers=data.num_workers, training=False, seed=0, normalise=False)
 
 
-__all__ = ["ShardsNotFound", "corpus_records", "ensure_shards", "eval_loader", "pack_corpus", "train_loader"]
+__all__ = ["ShardsNotFound", "TrainSource", "corpus_records", "ensure_shards", "eval_loader", "local_train_source",
+           "pack_corpus"]

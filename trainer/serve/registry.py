@@ -2,7 +2,7 @@
 ``champion`` points at the best one.
 
 ``register_stage`` packages ``con.pt`` (+ ``gen.pt`` for stage gen) and ``streamret.json`` as the
-artifacts of a pyfunc model (``trainer.pyfunc_model.StreamretPyfunc``), logs it under the
+artifacts of a pyfunc model (``trainer.serve.pyfunc.StreamretPyfunc``), logs it under the
 training run's artifacts (``model_<stage>/``), registers it under ``name`` with tags (stage,
 corpus, run, ``metric.<dir>_<metric>`` of the chosen variant) and moves ``champion`` only when the
 new version strictly beats the current champion's ``metric.<champion_metric>`` tag.
@@ -10,7 +10,7 @@ new version strictly beats the current champion's ``metric.<champion_metric>`` t
 ``load_registered`` / ``load_bundle`` read ``models:/<name>@<alias>``, ``models:/<name>/<version>``,
 ``runs:/<run_id>/model_<stage>``, a run directory or a ``con.pt`` path.
 
-Only ``MlflowClient`` with explicit run ids is used (no fluent globals), like trainer.tracking.
+Only ``MlflowClient`` with explicit run ids is used (no fluent globals), like trainer.components.tracking.
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.pyfunc_model import SETTINGS_FILE, InferenceSettings, ModelBundle, load_bundle_files
-from trainer.tracking import _absolute_sqlite_uri, sanitize_metric_name
+from trainer.serve.bundle import SETTINGS_FILE, InferenceSettings, ModelBundle, load_bundle_files
+from trainer.components.mlflow_store import _absolute_sqlite_uri, sanitize_metric_name
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CODE_PACKAGES = ("ops", "shards", "trainer")  # shipped with the model so it loads outside this repo
 REQUIREMENTS = ("torch", "open_clip_torch", "decord", "numpy", "omegaconf", "mlflow")
 LOWER_IS_BETTER = ("MdR", "MnR")
@@ -86,7 +86,7 @@ def save_pyfunc(path: Path, con_path: Path, gen_path: Path | None, settings: Inf
     """Write the pyfunc model directory (MLmodel, artifacts, code) at ``path``."""
     import mlflow.pyfunc
 
-    from trainer.pyfunc_model import StreamretPyfunc
+    from trainer.serve.pyfunc import StreamretPyfunc
 
     settings_path = settings.write(path.parent / SETTINGS_FILE)
     code = path.parent / "code"
@@ -97,7 +97,7 @@ def save_pyfunc(path: Path, con_path: Path, gen_path: Path | None, settings: Inf
         artifacts["gen"] = str(gen_path)
     # Explicit requirements: inferring them would load the model once more in a subprocess.
     with warnings.catch_warnings():
-        # predict takes several input shapes (see trainer.pyfunc_model), so no type-hint schema.
+        # predict takes several input shapes (see trainer.serve.pyfunc), so no type-hint schema.
         warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
         mlflow.pyfunc.save_model(path=str(path), python_model=StreamretPyfunc(), artifacts=artifacts,
                                  code_paths=[str(code / p) for p in CODE_PACKAGES],
@@ -145,7 +145,7 @@ def register_stage(tracker_uri: str, run_id: str, run_dir: Path, stage: str, met
     source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
 
     try:
-        client.create_registered_model(name, description="streamret text-video retrieval (trainer/registry.py)")
+        client.create_registered_model(name, description="streamret text-video retrieval (trainer/serve/registry.py)")
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -189,14 +189,10 @@ def load_bundle(uri: str | Path, *, tracking_uri: str | None = None) -> ModelBun
     path = Path(uri).expanduser()
     if path.is_dir():
         gen = path / "gen.pt"
-        settings = path / SETTINGS_FILE
-        if not settings.is_file():  # a run dir: settings come from its config.yaml
-            with tempfile.TemporaryDirectory() as tmp:
-                settings = InferenceSettings.from_run_config(path / "config.yaml").write(Path(tmp) / SETTINGS_FILE)
-                return load_bundle_files(path / "con.pt", gen if gen.is_file() else None, settings, source=uri)
-        return load_bundle_files(path / "con.pt", gen if gen.is_file() else None, settings, source=uri)
+        return load_bundle_files(path / "con.pt", gen if gen.is_file() else None, InferenceSettings.locate(path),
+                                 source=uri)
     if path.is_file():
-        return load_bundle_files(path, None, path.parent / SETTINGS_FILE, source=uri)
+        return load_bundle_files(path, None, InferenceSettings.locate(path.parent), source=uri)
     raise FileNotFoundError(f"model {uri!r}: not a models:/ or runs:/ URI and no such file or directory; "
                             "pass models:/<name>@champion, models:/<name>/<version>, a run dir or a con.pt path")
 
@@ -224,8 +220,8 @@ def _download_bundle(uri: str, tracking_uri: str | None) -> ModelBundle:
                                         f"`mlflow models` / the MLflow UI, or check the name and alias") from exc
             art = local / "artifacts"
             gen = art / "gen.pt"
-            return load_bundle_files(art / "con.pt", gen if gen.is_file() else None, art / SETTINGS_FILE,
-                                     source=uri)
+            return load_bundle_files(art / "con.pt", gen if gen.is_file() else None,
+                                     InferenceSettings.read(art / SETTINGS_FILE), source=uri)
     finally:
         mlflow.set_registry_uri(previous or "")
         if previous is None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from trainer.evaluate import Evaluation, eval_metric_names
-from trainer.plots import plot_loss_curves, plot_rank_histograms, plot_recall_curves, plot_stage_comparison
-from trainer.report import summary_table, write_metrics_json
+from trainer.evaluation.scoring import Evaluation, eval_metric_names
+from trainer.evaluation.plots import plot_loss_curves, plot_rank_histograms, plot_recall_curves, plot_stage_comparison
+from trainer.evaluation.report import summary_table, write_metrics_json
 
 
 def log_evaluation(ctx, result: Evaluation, variant: str, step: int) -> None:

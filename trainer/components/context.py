@@ -3,7 +3,6 @@ and a small in-memory loss history for the plots."""
 from __future__ import annotations
 
 import random
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +11,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from trainer.components.checkpoint import CheckpointManager
+from trainer.components.distributed import DistInfo
 from trainer.config import RootConfig
-from trainer.distributed import DistInfo
 
 
 def seed_everything(seed: int) -> None:
@@ -27,10 +27,18 @@ class RunContext:
     cfg: RootConfig
     dist: DistInfo
     run_dir: Path
-    tracker: object  # trainer.tracking.MetricsLogger (no-op off rank 0)
+    tracker: object  # trainer.components.tracking.MetricsLogger (no-op off rank 0)
     shapes: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed
     after_checkpoint: Callable[[Path, int], None] | None = None  # the launcher's hook (Ray Train reports)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
+
+    def checkpoints(self, stage: str, best_by: str = "loss") -> CheckpointManager:
+        """The stage's checkpoint manager: the run's cadence and retention, the metrics logger
+        flushed before each save and the run id recorded in it, the launcher told after it."""
+        run = self.cfg.run
+        return CheckpointManager(self.run_dir, stage, run.keep_last, self.shapes, every=run.checkpoint_every,
+                                 best_by=best_by, run_id=lambda: self.tracker.run_id,
+                                 before_save=self.tracker.flush, after_save=self.after_checkpoint)
 
     def log(self, stage: str, metrics: dict[str, float], step: int) -> None:
         named = {f"{stage}/{k}": float(v) for k, v in metrics.items()}
@@ -47,30 +55,3 @@ def shape_key(cfg: RootConfig) -> dict:
     """The config values that fix tensor shapes; resuming with different ones is refused."""
     shapes = {k: getattr(cfg.model, k) for k in SHAPE_KEYS}
     return dict(shapes, max_frames=cfg.data.max_frames, max_words=cfg.data.max_words)
-
-
-class StepTimer:
-    """Samples/s and the fraction of wall time spent waiting for data, per logging window."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.start = self.mark = time.perf_counter()
-        self.wait = 0.0
-        self.samples = 0
-
-    def data_ready(self) -> None:
-        now = time.perf_counter()
-        self.wait += now - self.mark
-        self.mark = now
-
-    def step_done(self, samples: int) -> None:
-        self.samples += samples
-        self.mark = time.perf_counter()
-
-    def read(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {"samples_per_s": self.samples / elapsed, "data_wait_frac": self.wait / elapsed}
-        self.reset()
-        return out

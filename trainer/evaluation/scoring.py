@@ -1,5 +1,7 @@
-"""Retrieval evaluation of a split's features: plain stage-1 similarity, then the generator's
-re-ranking of each query's top K (method.md sections 4 and 6), reported side by side."""
+"""Scoring a split's features, pure: no I/O, no logging, no ranks. Each ``evaluate_*`` adds one
+variant to an :class:`Evaluation`: plain stage-1 similarity, dual softmax, QB-Norm, and the
+generator's re-ranking of each query's top K (method.md sections 4-6). ``suite.py`` runs them in
+order."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ops import dual_softmax, qb_norm, rerank_topk, retrieval_metrics
-from trainer.features import FeatureBank
+from trainer.components.features import FeatureBank
 from trainer.models import Generators, RetrievalEncoder
 
 
@@ -109,26 +111,3 @@ def evaluate_qb_norm(result: Evaluation, encoder: RetrievalEncoder, bank: Featur
     v2t = qb_norm(sim.t(), bank_v2t, k=min(k, sim.shape[0]), beta=beta).t()
     result.add("con_qb_norm", t2v, v2t, bank.text_to_video)
     return {"captions": n_text, "videos": querybank.num_videos, "k": k, "beta": beta}
-
-
-def evaluate_during_training(ctx, encoder: RetrievalEncoder, step: int, dtype: torch.dtype) -> float | None:
-    """Mid-stage evaluation (``run.eval_every``) of the encoder being trained: the test split scored
-    with stage-1 similarity on rank 0, logged as ``eval/con/*`` at this step. Returns t2v Rsum on
-    rank 0 (None elsewhere); every rank waits for it."""
-    from shards.tokenize import CaptionTokenizer
-    from trainer.data import eval_loader
-    from trainer.distributed import barrier
-    from trainer.features import encode_split
-
-    score = None
-    if ctx.dist.is_main:
-        cfg = ctx.cfg
-        was_training = encoder.training
-        bank = encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.test_split),
-                            CaptionTokenizer(cfg.data.max_words), ctx.dist.device, dtype, "evaluate", False)
-        encoder.train(was_training)
-        result = evaluate_con(encoder, bank, cfg.eval.block)
-        ctx.tracker.log_metrics(eval_metric_names({"con": result.metrics["con"]}), step=step)
-        score = result.metrics["con"]["t2v"]["Rsum"]
-    barrier()
-    return score
