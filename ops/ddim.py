@@ -30,10 +30,14 @@ def cosine_alphas_cumprod(T: int, s: float = 0.008, max_beta: float = 0.999) -> 
 
 
 def linear_alphas_cumprod(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
-    """Linear-beta schedule (DDPM): [T] float64, entry k-1 = abar_k."""
+    """Linear-beta schedule as improved-diffusion (and the reference) scale it: betas =
+    linspace(beta_start * 1000/T, beta_end * 1000/T, T), [T] float64, entry k-1 = abar_k. The
+    scaling makes every T end near abar = 0 (7.7e-6 at T = 50; unscaled it would end at 0.60, and
+    DDIM from N(0, I) would not match the forward process)."""
     if T < 1:
         raise ValueError(f"linear_alphas_cumprod: T must be >= 1, got {T}")
-    betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    scale = 1000.0 / T
+    betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64).clamp(max=0.999)
     return torch.cumprod(1 - betas, dim=0)
 
 

@@ -1,9 +1,10 @@
 """Retrieval metrics (method.md section 6): ranks, R@k, median and mean rank.
 
-A rank is 1 + the number of candidates scoring strictly higher than the true one (the spec's
-definition; candidates tying with the true one are not counted as beating it). Note the
-consequence: a collapsed model scoring every candidate equally gets rank 1 everywhere, so watch
-for degenerate similarity matrices separately."""
+A rank is 1 + the number of other candidates scoring at least as high as the true one: a tie is
+not a hit (pessimistic), so a collapsed model scoring every candidate equally ranks last, never
+first. With several captions per video the gallery holds each video once: t2v ranks each caption
+against the videos; v2t represents each rival video by its best-scoring caption and ranks the
+query video among videos (the reference's and the published convention)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ranks_from_similarity", "recall_metrics", "retrieval_metrics"]
+__all__ = ["ranks_from_similarity", "recall_metrics", "retrieval_metrics", "video_scores"]
 
 
 def _check_sim_target(sim: Tensor, target: Tensor, who: str) -> None:
@@ -56,24 +57,20 @@ def recall_metrics(ranks: Tensor, ks: Sequence[int] = (1, 5, 10, 50)) -> dict[st
     return out
 
 
-def _video_ranks(sim_t2v: Tensor, text_to_video: Tensor, block: int) -> Tensor:
-    """v2t rank of each video: 1 + #other videos' texts scoring at least as high as its best caption."""
-    n_texts, n_videos = sim_t2v.shape
+def video_scores(sim_t2v: Tensor, text_to_video: Tensor, block: int = 1024) -> Tensor:
+    """[Nv query videos, Nv candidate videos]: each candidate video's score for a query video is its
+    best-scoring caption's (the reference reshapes to [videos, videos, captions] and maxes)."""
+    n_videos = sim_t2v.shape[1]
     captions_per_video = torch.bincount(text_to_video, minlength=n_videos)
     if bool((captions_per_video == 0).any()):
         missing = torch.nonzero(captions_per_video == 0).flatten()[:10].tolist()
         raise ValueError(f"retrieval_metrics: videos {missing} (first 10 shown) have no caption in "
                          "text_to_video; v2t needs at least one true caption per video column")
-    true_scores = sim_t2v.gather(1, text_to_video[:, None]).squeeze(1)
-    best = torch.full((n_videos,), float("-inf"), dtype=sim_t2v.dtype, device=sim_t2v.device)
-    best = best.scatter_reduce(0, text_to_video, true_scores, reduce="amax")
-    better = torch.zeros(n_videos, dtype=torch.long, device=sim_t2v.device)
-    columns = torch.arange(n_videos, device=sim_t2v.device)
-    for r0 in range(0, n_texts, block):
-        at_least = sim_t2v[r0:r0 + block] >= best[None, :]
-        own = text_to_video[r0:r0 + block, None] == columns[None, :]  # a video's own captions never beat it
-        better += (at_least & ~own).sum(dim=0)
-    return 1 + better
+    best = torch.full((n_videos, n_videos), float("-inf"), dtype=sim_t2v.dtype, device=sim_t2v.device)
+    for r0 in range(0, sim_t2v.shape[0], block):  # best[u, v] = max over captions c of u of sim[c, v]
+        rows = sim_t2v[r0:r0 + block]
+        best.scatter_reduce_(0, text_to_video[r0:r0 + block, None].expand_as(rows), rows, "amax")
+    return best.t()
 
 
 def retrieval_metrics(sim_t2v: Tensor, text_to_video: Tensor,
@@ -81,14 +78,17 @@ def retrieval_metrics(sim_t2v: Tensor, text_to_video: Tensor,
     """Text-to-video and video-to-text metrics from one similarity matrix.
 
     sim_t2v [Ntexts, Nvideos]; text_to_video [Ntexts] long = the video of each caption (several
-    captions per video allowed). t2v ranks every caption; v2t rank of video v = 1 + #texts of other
-    videos scoring at least as high as v's best-scoring caption (ties are not hits). Returns
+    captions per video allowed). t2v ranks every caption against the videos; v2t rank of video v =
+    1 + #other videos whose best caption scores at least as high as v's best caption (ties are
+    not hits; method.md section 6). Returns
     {"t2v": {R.., MdR, MnR, Rsum}, "v2t": {...}, "t2v_ranks": long [Ntexts], "v2t_ranks": long [Nvideos]},
     Rsum = R1 + R5 + R10 (whichever of those are in ks)."""
     _check_sim_target(sim_t2v, text_to_video, "retrieval_metrics")
     text_to_video = text_to_video.to(device=sim_t2v.device, dtype=torch.long)
     t2v_ranks = ranks_from_similarity(sim_t2v, text_to_video, block)
-    v2t_ranks = _video_ranks(sim_t2v, text_to_video, block)
+    n_videos = sim_t2v.shape[1]
+    v2t_ranks = ranks_from_similarity(video_scores(sim_t2v, text_to_video, block),
+                                      torch.arange(n_videos, device=sim_t2v.device), block)
     out: dict[str, Any] = {}
     for name, ranks in (("t2v", t2v_ranks), ("v2t", v2t_ranks)):
         m = recall_metrics(ranks, ks)

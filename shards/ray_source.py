@@ -1,10 +1,12 @@
 """The packed shards of a split as a Ray Data pipeline: read tars -> decode in an actor pool -> rows.
 
-Rows hold numpy columns ``video`` [T,3,S,S] float32, ``video_mask`` [T] bool, ``text`` /
-``text_mask`` [max_words] (one caption per sample, chosen by ``shards.loader.pick_caption``),
-``video_id``, ``key`` and ``captions`` (the sample's captions as a JSON list, so the column stays
-a flat string). ``iter_train_batches`` turns a Ray Train dataset shard back into the batch dict
-``shards.loader.StreamLoader`` yields, so the trainer does not care which source feeds it.
+Rows hold numpy columns ``video`` [T,3,S,S] float32, ``video_mask`` [T] bool, ``video_id``,
+``key`` and ``captions`` (the sample's captions as a JSON list, so the column stays a flat
+string). ``iter_train_batches`` turns a Ray Train dataset shard back into the batch dict
+``shards.loader.StreamLoader`` yields, so the trainer does not care which source feeds it; it
+picks each sample's caption for the epoch it is told (``shards.loader.pick_caption``, the local
+loader's rule) and tokenises it there. The pipeline is built once per job and re-executed each
+epoch, so the caption cannot be chosen inside it: the decode actors do not know the epoch.
 
 Why not ``ray.data.read_webdataset``: a truncated or corrupt shard makes its read task raise,
 which fails the whole dataset. Here the shards listed in the index are read by a tolerant tar
@@ -57,23 +59,19 @@ def read_shard_samples(row: dict[str, Any], counter) -> Iterator[dict[str, Any]]
 
 
 class DecodeClips:
-    """Actor body: decode the sampled frames, CLIP-preprocess (on the GPU when ``use_gpu``), tokenise."""
+    """Actor body: decode the sampled frames, CLIP-preprocess (on the GPU when ``use_gpu``)."""
 
-    def __init__(self, *, max_frames: int, image_size: int, sample_fps: float, max_words: int, seed: int, epoch: int,
-                 use_gpu: bool, counter) -> None:
+    def __init__(self, *, max_frames: int, image_size: int, sample_fps: float, use_gpu: bool, counter) -> None:
         import torch
 
         from shards.decode import ClipTransform
-        from shards.tokenize import CaptionTokenizer
 
         self.max_frames, self.image_size, self.sample_fps = max_frames, image_size, sample_fps
-        self.seed, self.epoch, self.counter = seed, epoch, counter
+        self.counter = counter
         self.device = torch.device("cuda" if use_gpu else "cpu")
         # With use_gpu the resize, crop and normalisation run on the GPU (ClipTransform works on the
         # frames' device); only the final [T, 3, S, S] comes back to host memory.
         self.transform = ClipTransform(image_size)
-        self.tokenizer = CaptionTokenizer(max_words)
-        self.max_words = max_words
 
     def _frames(self, mp4: bytes, meta: dict) -> np.ndarray:
         from shards.decode import decode_frames, sample_frame_indices
@@ -85,9 +83,7 @@ class DecodeClips:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from shards.loader import pick_caption
-
-        videos, masks, chosen, ids, keys, captions = [], [], [], [], [], []
+        videos, masks, ids, keys, captions = [], [], [], [], []
         for key, mp4, meta_text in zip(batch["key"], batch["mp4"], batch["meta"]):
             try:
                 meta = json.loads(meta_text)
@@ -99,17 +95,13 @@ class DecodeClips:
                 continue
             videos.append(video.cpu().numpy())  # from the GPU when use_gpu
             masks.append(mask.cpu().numpy())
-            chosen.append(meta["captions"][pick_caption(meta["captions"], self.seed, self.epoch, str(key))])
             ids.append(meta["video_id"])
             keys.append(str(key))
             captions.append(json.dumps(meta["captions"]))
         s, t = self.image_size, self.max_frames
-        text, text_mask = self.tokenizer(chosen)
         return {
             "video": np.stack(videos) if videos else np.zeros((0, t, 3, s, s), np.float32),
             "video_mask": np.stack(masks) if masks else np.zeros((0, t), bool),
-            "text": text.numpy(),
-            "text_mask": text_mask.numpy(),
             "video_id": np.array(ids, dtype=object),
             "key": np.array(keys, dtype=object),
             "captions": np.array(captions, dtype=object),
@@ -123,15 +115,12 @@ def ray_dataset(
     max_frames: int,
     image_size: int,
     sample_fps: float,
-    max_words: int,
-    seed: int,
     num_actors: int,
     use_gpu: bool = False,
-    epoch: int = 0,
 ) -> "ray.data.Dataset":
     """The decoded samples of a packed split as a lazy ``ray.data.Dataset`` (see module doc).
-    ``epoch`` only changes which caption each sample trains on. Needs ``ray.init()`` first; the
-    cluster needs ``num_actors`` CPUs (GPUs with ``use_gpu``) for decoding plus one for reading."""
+    Needs ``ray.init()`` first; the cluster needs ``num_actors`` CPUs (GPUs with ``use_gpu``) for
+    decoding plus one for reading."""
     index = read_index(Path(shard_dir), split)  # raises ShardsNotFound with the fix
     counter = SkipCounter.remote()
     paths = [{"path": str(Path(shard_dir) / s["name"]), "samples": int(s["samples"])} for s in index["shards"]]
@@ -141,7 +130,7 @@ def ray_dataset(
         .map_batches(
             DecodeClips,
             fn_constructor_kwargs=dict(max_frames=max_frames, image_size=image_size, sample_fps=sample_fps,
-                                       max_words=max_words, seed=seed, epoch=epoch, use_gpu=use_gpu, counter=counter),
+                                       use_gpu=use_gpu, counter=counter),
             batch_size=DECODE_BATCH,
             batch_format="numpy",
             concurrency=num_actors,
@@ -162,25 +151,40 @@ def skip_counts(dataset: "ray.data.Dataset") -> dict[str, int]:
     return ray.get(counter.get.remote())
 
 
-def to_train_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """A numpy batch of ``ray_dataset`` rows -> the ``StreamLoader`` training batch dict."""
-    import torch
+class TrainBatchCollate:
+    """A numpy batch of ``ray_dataset`` rows -> the ``StreamLoader`` training batch dict, with one
+    caption per sample for ``epoch``, chosen and tokenised as the local loader does."""
 
-    return {
-        "video": torch.as_tensor(batch["video"]),
-        "video_mask": torch.as_tensor(batch["video_mask"]),
-        "text": torch.as_tensor(batch["text"]),
-        "text_mask": torch.as_tensor(batch["text_mask"]),
-        "video_id": [str(v) for v in batch["video_id"]],
-        "key": [str(k) for k in batch["key"]],
-        "captions": [json.loads(c) for c in batch["captions"]],
-    }
+    def __init__(self, *, max_words: int, seed: int, epoch: int) -> None:
+        from shards.loader import _tokenizer
+
+        self.tokenizer, self.seed, self.epoch = _tokenizer(max_words), seed, epoch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        from shards.loader import pick_caption
+
+        keys = [str(k) for k in batch["key"]]
+        captions = [json.loads(c) for c in batch["captions"]]
+        chosen = [caps[pick_caption(caps, self.seed, self.epoch, key)] for caps, key in zip(captions, keys)]
+        text, text_mask = self.tokenizer(chosen)
+        return {
+            "video": torch.as_tensor(batch["video"]),
+            "video_mask": torch.as_tensor(batch["video_mask"]),
+            "text": text,
+            "text_mask": text_mask,
+            "video_id": [str(v) for v in batch["video_id"]],
+            "key": keys,
+            "captions": captions,
+        }
 
 
-def iter_train_batches(dataset_shard, batch_size: int, *, drop_last: bool = False,
-                       local_shuffle_buffer_size: int | None = None) -> Iterator[dict[str, Any]]:
+def iter_train_batches(dataset_shard, batch_size: int, *, max_words: int, seed: int, epoch: int,
+                       drop_last: bool = False, local_shuffle_buffer_size: int | None = None) -> Iterator[dict[str, Any]]:
     """Batches of a Ray Train dataset shard (``ray.train.get_dataset_shard(name)``, or any Dataset)
-    in the ``StreamLoader`` layout: ``video``, ``video_mask``, ``text``, ``text_mask`` tensors and
-    ``video_id``, ``key``, ``captions`` lists."""
-    yield from dataset_shard.iter_torch_batches(batch_size=batch_size, collate_fn=to_train_batch, drop_last=drop_last,
+    in the ``StreamLoader`` layout for ``epoch``: ``video``, ``video_mask``, ``text``, ``text_mask``
+    tensors and ``video_id``, ``key``, ``captions`` lists."""
+    collate = TrainBatchCollate(max_words=max_words, seed=seed, epoch=epoch)
+    yield from dataset_shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=drop_last,
                                                 local_shuffle_buffer_size=local_shuffle_buffer_size)

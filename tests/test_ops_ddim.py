@@ -18,6 +18,21 @@ def test_schedules_are_decreasing_in_unit_interval(make, T):
     assert bool((abar[1:] < abar[:-1]).all())
 
 
+@pytest.mark.parametrize("T", [50, 100, 1000])
+def test_linear_schedule_is_improved_diffusions(T):
+    """method.md section 4: betas = linspace(1e-4 * 1000/T, 0.02 * 1000/T, T), so every T ends near
+    abar = 0 (unscaled, T = 50 would end at 0.60 and DDIM from N(0, I) would not match)."""
+    import numpy as np
+
+    scale = 1000 / T
+    expected = np.cumprod(1 - np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64))
+    abar = linear_alphas_cumprod(T)
+    np.testing.assert_allclose(abar.numpy(), expected, rtol=1e-12)
+    assert float(abar[-1]) < 1e-4
+    if T == 50:
+        assert float(abar[-1]) == pytest.approx(7.7e-6, rel=0.05)
+
+
 def test_cosine_schedule_caps_beta():
     abar = cosine_alphas_cumprod(50, max_beta=0.999)
     betas = 1 - abar / torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])

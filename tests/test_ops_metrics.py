@@ -46,15 +46,40 @@ def test_multi_caption_t2v_and_v2t():
     sim[3, 1] = sim[4, 2]  # a tie across columns
     out = retrieval_metrics(sim, text_to_video, ks=(1, 5, 10))
     t2v = [_direct_rank(sim[t], int(text_to_video[t])) for t in range(10)]
-    v2t = []
+    v2t = []  # method.md section 6: each rival video is represented by its best caption; rank among videos
     for v in range(n_videos):
-        best = max(float(sim[t, v]) for t in range(10) if text_to_video[t] == v)
-        v2t.append(1 + sum(1 for t in range(10) if text_to_video[t] != v and float(sim[t, v]) >= best))
+        best = {u: max(float(sim[t, v]) for t in range(10) if text_to_video[t] == u) for u in range(n_videos)}
+        v2t.append(1 + sum(1 for u in range(n_videos) if u != v and best[u] >= best[v]))
     assert out["t2v_ranks"].tolist() == t2v
     assert out["v2t_ranks"].tolist() == v2t
     assert out["t2v"]["R1"] == pytest.approx(100.0 * sum(r == 1 for r in t2v) / 10)
     assert out["v2t"]["MnR"] == pytest.approx(sum(v2t) / n_videos)
     assert out["t2v"]["Rsum"] == pytest.approx(out["t2v"]["R1"] + out["t2v"]["R5"] + out["t2v"]["R10"])
+
+
+def test_v2t_ranks_videos_as_the_reference_reshape_and_max_does():
+    """The reference's MSVD v2t: sim reshaped to [videos, captions, videos], max over captions, rank
+    the diagonal. Ours agrees on R@1, R@10 and MdR; counting rival captions (the old rule) would not:
+    here a video whose 3 rival captions all beat it is rank 2 among videos, not rank 4."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    n_videos, per = 20, 5  # MSVD-like: every video has the same number of captions
+    sim = torch.randn(n_videos * per, n_videos, generator=g).double()
+    text_to_video = torch.arange(n_videos).repeat_interleave(per)
+    ref = sim.numpy().reshape(n_videos, per, n_videos).max(axis=1).T  # [query video, candidate video]
+    ref_ranks = [1 + int((np.delete(ref[v], v) >= ref[v, v]).sum()) for v in range(n_videos)]
+    out = retrieval_metrics(sim, text_to_video, ks=(1, 5, 10))
+    assert out["v2t_ranks"].tolist() == ref_ranks
+    assert out["v2t"]["MdR"] == pytest.approx(float(np.median(ref_ranks)))
+    assert out["v2t"]["R10"] == pytest.approx(100.0 * np.mean(np.array(ref_ranks) <= 10))
+
+    sim = torch.zeros(4, 2)
+    sim[0, 0] = 0.5  # video 0's one caption
+    sim[1:, 0] = 0.9  # video 1's three captions all score higher against video 0
+    sim[1:, 1] = 1.0
+    out = retrieval_metrics(sim, torch.tensor([0, 1, 1, 1]))
+    assert out["v2t_ranks"].tolist() == [2, 1]
 
 
 def test_perfect_and_reversed_diagonal():

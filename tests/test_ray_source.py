@@ -21,7 +21,8 @@ from shards.tokenize import CaptionTokenizer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-OPTS = dict(max_frames=4, image_size=16, sample_fps=1.0, max_words=12, seed=0)
+OPTS = dict(max_frames=4, image_size=16, sample_fps=1.0)
+MAX_WORDS = 12
 
 
 @pytest.fixture(scope="module")
@@ -52,26 +53,44 @@ def test_rows_match_index_shapes_and_captions(ray_cluster, synthetic_shards) -> 
     assert len(rows) == total
     expected, _ = _stream_keys(synthetic_shards, "train")
     assert sorted(r["key"] for r in rows) == sorted(expected)
-    tokenizer = CaptionTokenizer(OPTS["max_words"])
     for row in rows:
         assert row["video"].shape == (4, 3, 16, 16) and row["video"].dtype.name == "float32"
         assert row["video_mask"].shape == (4,) and row["video_mask"].dtype == bool and row["video_mask"][0]
-        assert row["text"].shape == (12,) and row["text_mask"].dtype == bool
         captions = json.loads(row["captions"])
         assert captions == expected[row["key"]]
         assert row["video_id"] == row["key"]  # the synthetic ids are already tar-safe
-        # the tokenised caption is one of this video's own captions
-        n = int(row["text_mask"].sum())
-        candidates = [tokenizer([c])[0][0, :n].tolist() for c in captions]
-        assert row["text"][:n].tolist() in candidates
     assert skip_counts(ds) == {"corrupt_shard": 0, "short_shard": 0, "incomplete_sample": 0, "decode_error": 0}
 
-    batches = list(iter_train_batches(decoded, batch_size=8))
+    batches = list(iter_train_batches(decoded, batch_size=8, max_words=MAX_WORDS, seed=0, epoch=0))
     assert [b["video"].shape[0] for b in batches] == [8, 8, 8]
     first = batches[0]
     assert set(first) == {"video", "video_mask", "text", "text_mask", "video_id", "key", "captions"}
     assert tuple(first["video"].shape) == (8, 4, 3, 16, 16) and first["text"].dtype.is_floating_point is False
+    assert tuple(first["text"].shape) == (8, MAX_WORDS) and first["text_mask"].dtype == torch.bool
     assert all(c == expected[k] for k, c in zip(first["key"], first["captions"]))
+    # the tokenised caption is one of this video's own captions
+    tokenizer = CaptionTokenizer(MAX_WORDS)
+    for text, text_mask, captions in zip(first["text"], first["text_mask"], first["captions"]):
+        n = int(text_mask.sum())
+        assert text[:n].tolist() in [tokenizer([c])[0][0, :n].tolist() for c in captions]
+
+
+def test_each_epoch_trains_on_the_caption_the_local_loader_would_pick(ray_cluster, synthetic_shards) -> None:
+    """The Ray pipeline is built once per job; the caption must still change per epoch, by the
+    local loader's rule (it once stayed at epoch 0's: 1 of MSRVTT's 20 captions for the whole run)."""
+    from shards.loader import pick_caption
+
+    decoded = ray_dataset(synthetic_shards, "train", num_actors=1, **OPTS).materialize()
+    tokenizer = CaptionTokenizer(MAX_WORDS)
+    picked = {}
+    for epoch in (0, 1):
+        for batch in iter_train_batches(decoded, batch_size=8, max_words=MAX_WORDS, seed=3, epoch=epoch):
+            for key, captions, text in zip(batch["key"], batch["captions"], batch["text"]):
+                want = captions[pick_caption(captions, 3, epoch, key)]
+                assert torch.equal(text, tokenizer([want])[0][0])
+                picked[(key, epoch)] = want
+    keys = {key for key, _ in picked}
+    assert sum(picked[(k, 0)] != picked[(k, 1)] for k in keys) >= len(keys) // 4  # 2 captions each: about half differ
 
 
 def test_damaged_shards_are_skipped_and_counted(ray_cluster, shard_copy, bad_inputs) -> None:
@@ -109,6 +128,6 @@ def test_gpu_decode_actors_match_cpu_actors(ray_cluster, synthetic_shards) -> No
     for key, row in gpu.items():
         assert row["video"].dtype.name == "float32" and row["video"].shape == cpu[key]["video"].shape
         assert np.array_equal(row["video_mask"], cpu[key]["video_mask"])
-        assert np.array_equal(row["text"], cpu[key]["text"])
+        assert row["captions"] == cpu[key]["captions"]
         # rounding of the uint8 vs float resize: at most 8 grey levels (tests/test_shards_decode.py)
         assert np.abs(row["video"] - cpu[key]["video"]).max() <= 8 / 255 / min(CLIP_STD) + 1e-4

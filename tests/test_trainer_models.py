@@ -161,7 +161,8 @@ def test_generator_t2v_and_v2t_match_the_equations_of_method_section_3():
     logits = torch.stack([g.wq(v + e) @ g.wk(cands[0, c] + e) + x_t[0, c] for c, v in enumerate(pooled)])
     a = torch.softmax(logits, dim=0)
     h = g.wo(sum(a[c] * g.wv(cands[0, c] + e) for c in range(k_cands)))
-    expected = torch.stack([g.decoder(torch.cat([h, v]))[0] + a[c] for c, v in enumerate(pooled)])
+    # The decoder's pair feature is the candidate sentence t_c (the reference decodes [h ; t_c]).
+    expected = torch.stack([g.decoder(torch.cat([h, cands[0, c]]))[0] + a[c] for c in range(k_cands)])
     torch.testing.assert_close(g(video, vmask, cands, x_t, step)[0], expected)
 
 
@@ -191,3 +192,40 @@ def test_rerank_pools_once_and_matches_full_forward_every_step():
                               abar, k=3, alpha=1.0, steps=5, generator=g)
     assert torch.equal(t2v, ref_t2v) and torch.equal(v2t, ref_v2t.t())
     assert not torch.equal(t2v, sim)  # the re-ranking did change the top-3 scores
+
+
+def test_generator_inputs_are_the_raw_features(encoder):
+    """method.md section 3: the generator takes the sentence feature and F' before L2 normalisation;
+    the bank keeps the normalised tokens for WTI plus one norm per row, and gives both back."""
+    import torch.nn.functional as F
+
+    from trainer.components.features import FeatureBank
+    from trainer.evaluation.scoring import rerank
+    from ops.ddim import cosine_alphas_cumprod, rerank_topk
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, 1000, (3, 6))
+    ids[:, -1] = 49407
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    text = encoder.encode_text(ids, mask)
+    raw = encode_words(encoder.clip, ids)[:, -1]
+    torch.testing.assert_close(text.raw_sentence(), raw, atol=1e-5, rtol=1e-5)
+    assert float(raw.norm(dim=-1).min()) > 1.5  # far from unit norm here: normalising would change the inputs
+    video = encoder.encode_video(torch.randn(2, 4, 3, 32, 32), torch.ones(2, 4, dtype=torch.bool))
+    torch.testing.assert_close(F.normalize(video.raw_frames(), dim=-1), video.frames)
+
+    gens = build_generators(TINY).eval()
+    nt, nv, f, d = 5, 4, 3, TINY.embed_dim
+    sentence, frames = torch.randn(nt, d) * 3, torch.randn(nv, f, d) * 2
+    frame_mask = torch.ones(nv, f, dtype=torch.bool)
+    bank = FeatureBank(words=torch.randn(nt, 4, d), word_weights=torch.rand(nt, 4),
+                       word_mask=torch.ones(nt, 4, dtype=torch.bool), sentence=F.normalize(sentence, dim=-1),
+                       frames=F.normalize(frames, dim=-1), frame_weights=torch.rand(nv, f), frame_mask=frame_mask,
+                       text_to_video=torch.arange(nt) % nv, video_ids=[], captions=[],
+                       sentence_norm=sentence.norm(dim=-1), frame_norm=frames.norm(dim=-1))
+    sim, abar = torch.randn(nt, nv), cosine_alphas_cumprod(10)
+    with torch.no_grad():
+        t2v, _ = rerank(sim, bank, gens, abar, topk=3, alpha=1.0, steps=5, seed=1)
+        ref = rerank_topk(sim, lambda q, c: lambda x, k: gens.t2v(sentence[q], frames[c], frame_mask[c], x, k),
+                          abar, k=3, alpha=1.0, steps=5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(t2v, ref)

@@ -1,5 +1,7 @@
-"""MSVD in the CLIP4Clip layout: one sample per caption (about 40 per video), so the
-evaluation ranks every caption and v2t takes each video's best-ranked one."""
+"""MSVD in the CLIP4Clip layout: one sample per video holding all its captions (about 41 each).
+Training picks one caption per epoch; evaluation ranks each caption against the videos (t2v) and
+each video among videos, rivals represented by their best caption (v2t; method.md section 6).
+A gallery with one sample per caption would hold every video ~41 times, competing with itself."""
 from __future__ import annotations
 
 import io
@@ -67,7 +69,7 @@ def caption_text(caption: object) -> object:
 
 
 class MsvdCorpus(CorpusReader):
-    """Splits: ``train``, ``val``, ``test``; key ``<video_id>-<caption index>``."""
+    """Splits: ``train``, ``val``, ``test``; one sample per video, key ``<video_id>`` (tar-safe)."""
 
     corpus = "msvd"
     splits = ("train", "val", "test")
@@ -93,6 +95,7 @@ class MsvdCorpus(CorpusReader):
             if path is None:
                 yield video_missing(tried, video_id, list_path, {"line": line})
                 continue
+            good = []
             for index, raw in enumerate(raw_captions):
                 where = {"video_id": video_id, "caption_index": index}
                 try:
@@ -107,8 +110,9 @@ class MsvdCorpus(CorpusReader):
                 if isinstance(caption, Quarantined):
                     yield caption
                     continue
-                # The index keeps its place in the pickle, so a quarantined caption leaves a gap
-                # instead of renaming the captions after it.
-                yield VideoSample(
-                    video_id, path, [caption], split, self.corpus, key=sanitize_key(f"{video_id}-{index}")
-                )
+                good.append(caption)
+            if not good:
+                yield Quarantined(str(pkl_path), NO_CAPTIONS, video_id,
+                                  {"listed_in": str(list_path), "line": line, "problem": "no usable caption"})
+                continue
+            yield VideoSample(video_id, path, good, split, self.corpus, key=sanitize_key(video_id))

@@ -32,6 +32,10 @@ class FeatureBank:
     captions: list[str]
     text_fused: torch.Tensor | None = None  # [Nt, H, d] LAFF heads (model.laff)
     video_fused: torch.Tensor | None = None  # [Nv, H, d]
+    # L2 norms of the raw features (None: the normalised ones are used as they are). The generator
+    # takes raw features (method.md section 3); storing a norm per row keeps one copy of the tokens.
+    sentence_norm: torch.Tensor | None = None  # [Nt]
+    frame_norm: torch.Tensor | None = None  # [Nv, Lf]
 
     @property
     def num_videos(self) -> int:
@@ -45,6 +49,16 @@ class FeatureBank:
     def video(self, idx: torch.Tensor | slice = slice(None)) -> VideoFeatures:
         fused = None if self.video_fused is None else self.video_fused[idx]
         return VideoFeatures(self.frames[idx].float(), self.frame_weights[idx], self.frame_mask[idx], fused)
+
+    def raw_sentence(self, idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """[n, D] the sentence features before L2 normalisation (the generator's query text)."""
+        sentence = self.sentence[idx].float()
+        return sentence if self.sentence_norm is None else sentence * self.sentence_norm[idx, None].float()
+
+    def raw_frames(self, idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """[..., Lf, D] F' before L2 normalisation (what the generator attends over)."""
+        frames = self.frames[idx].float()
+        return frames if self.frame_norm is None else frames * self.frame_norm[idx][..., None].float()
 
     def random_caption_of(self, videos: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One caption index per video, uniformly among that video's captions."""
@@ -103,6 +117,7 @@ def encode_split(encoder: RetrievalEncoder, loader, tokenizer: CaptionTokenizer,
         frames=cat(videos, "frames").to(store_dtype), frame_weights=cat(videos, "weights").float(),
         frame_mask=cat(videos, "mask"), text_to_video=torch.tensor(text_to_video, device=device),
         video_ids=video_ids, captions=captions, text_fused=cat(texts, "fused"), video_fused=cat(videos, "fused"),
+        sentence_norm=cat(texts, "sentence_norm"), frame_norm=cat(videos, "frame_norm"),
     )
 
 

@@ -51,7 +51,7 @@ def rerank(sim: torch.Tensor, bank: FeatureBank, generators: Generators, abar: t
            topk: int, alpha: float, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM re-ranking inside each query's top K, both directions; returns (t2v, v2t) as [Nt, Nv]."""
     dtype = next(generators.parameters()).dtype
-    frames, frame_mask, sentence = bank.frames.to(dtype), bank.frame_mask, bank.sentence.to(dtype)
+    frames, frame_mask, sentence = bank.raw_frames().to(dtype), bank.frame_mask, bank.raw_sentence().to(dtype)
 
     # Each query block's candidates are pooled once; only the denoising runs at every DDIM step.
     def t2v_denoiser(q, cand):

@@ -35,9 +35,11 @@ class RayTrainLoader:
     the decode actors, so ``counters`` stays empty here.
     """
 
-    def __init__(self, dataset_shard, *, batch_size: int, num_samples: int, world_size: int, shuffle_buffer: int):
+    def __init__(self, dataset_shard, *, batch_size: int, num_samples: int, world_size: int, shuffle_buffer: int,
+                 max_words: int, seed: int):
         self.dataset_shard, self.batch_size = dataset_shard, batch_size
         self.num_samples, self.world_size, self.shuffle_buffer = num_samples, world_size, shuffle_buffer
+        self.max_words, self.seed = max_words, seed
         self.epoch = 0
         self.counters: dict[str, int] = {}
 
@@ -53,7 +55,9 @@ class RayTrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from shards.ray_source import iter_train_batches
 
-        yield from iter_train_batches(self.dataset_shard, self.batch_size, drop_last=True,
+        # The caption of each sample is picked for this epoch, by the local loader's rule.
+        yield from iter_train_batches(self.dataset_shard, self.batch_size, max_words=self.max_words, seed=self.seed,
+                                      epoch=self.epoch, drop_last=True,
                                       local_shuffle_buffer_size=self.shuffle_buffer or None)
         self.epoch += 1
 
@@ -70,7 +74,7 @@ def ray_train_source(data: DataConfig, model: ModelConfig, dist: DistInfo, seed:
                            "launch/train.py launcher=ray, which passes it to the TorchTrainer")
     total = int(read_index(Path(data.shards), data.train_split)["total_samples"])
     return RayTrainLoader(shard, batch_size=data.batch_size, num_samples=total, world_size=dist.world_size,
-                          shuffle_buffer=data.shuffle_buffer)
+                          shuffle_buffer=data.shuffle_buffer, max_words=data.max_words, seed=seed)
 
 
 def report_checkpoint(tag_dir: Path, step: int) -> None:
@@ -126,8 +130,7 @@ def launch_ray(dcfg) -> None:
         ray.init(address=lc.address or None, runtime_env={"env_vars": _worker_env_vars()}, log_to_driver=True)
     dataset = ray_dataset(Path(cfg.data.shards), cfg.data.train_split, max_frames=cfg.data.max_frames,
                           image_size=cfg.model.image_size, sample_fps=cfg.data.sample_fps,
-                          max_words=cfg.data.max_words, seed=cfg.run.seed, num_actors=lc.decode_actors,
-                          use_gpu=lc.use_gpu)
+                          num_actors=lc.decode_actors, use_gpu=lc.use_gpu)
     storage = lc.storage_path or str(Path(cfg.run.dir) / "ray")
     trainer = TorchTrainer(
         _train_worker,

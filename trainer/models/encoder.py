@@ -26,6 +26,11 @@ class TextFeatures:
     sentence: torch.Tensor  # [B, D] L2-normalised word feature at <eot>
     fused: torch.Tensor | None = None  # [B, H, d] LAFF heads (model.laff)
     fusion_weights: torch.Tensor | None = None  # [B, H, k] LAFF attention over the k text features
+    sentence_norm: torch.Tensor | None = None  # [B] L2 norm of the raw <eot> feature (the generator's input)
+
+    def raw_sentence(self) -> torch.Tensor:
+        """The sentence feature before L2 normalisation (method.md section 3: the generator's t)."""
+        return self.sentence if self.sentence_norm is None else self.sentence * self.sentence_norm[..., None]
 
 
 @dataclass
@@ -35,6 +40,11 @@ class VideoFeatures:
     mask: torch.Tensor  # [B, Lf] bool
     fused: torch.Tensor | None = None  # [B, H, d] LAFF heads (model.laff)
     fusion_weights: torch.Tensor | None = None  # [B, H, k] LAFF attention over the k video features
+    frame_norm: torch.Tensor | None = None  # [B, Lf] L2 norm of each raw F' frame (the generator's input)
+
+    def raw_frames(self) -> torch.Tensor:
+        """F' before L2 normalisation (method.md section 3: what the generator attends over)."""
+        return self.frames if self.frame_norm is None else self.frames * self.frame_norm[..., None]
 
 
 # The features LAFF fuses, in order (their attention weights are logged under these names).
@@ -120,7 +130,8 @@ class RetrievalEncoder(nn.Module):
         if self.laff_text is not None:
             weighted = torch.einsum("bl,bld->bd", weights.to(words.dtype), words)
             fused, fusion = self.laff_text([sentence, weighted])
-        return TextFeatures(F.normalize(words, dim=-1), weights, mask, F.normalize(sentence, dim=-1), fused, fusion)
+        return TextFeatures(F.normalize(words, dim=-1), weights, mask, F.normalize(sentence, dim=-1), fused, fusion,
+                            sentence.float().norm(dim=-1))
 
     def encode_video(self, video: torch.Tensor, mask: torch.Tensor) -> VideoFeatures:
         b, t = video.shape[:2]
@@ -131,7 +142,7 @@ class RetrievalEncoder(nn.Module):
         if self.laff_video is not None:
             weighted = torch.einsum("bf,bfd->bd", weights.to(frames.dtype), frames)
             fused, fusion = self.laff_video([masked_mean(clip_frames, mask), masked_mean(frames, mask), weighted])
-        return VideoFeatures(F.normalize(frames, dim=-1), weights, mask, fused, fusion)
+        return VideoFeatures(F.normalize(frames, dim=-1), weights, mask, fused, fusion, frames.float().norm(dim=-1))
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.logit_scale_max)

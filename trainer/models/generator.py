@@ -2,7 +2,9 @@
 the clean distribution x0 over the candidates from a noisy one x_t.
 
 Two instances are trained: ``t2v`` (query text, candidate videos) and ``v2t`` (query video,
-candidate texts). Both are permutation-equivariant over candidates.
+candidate texts). Both are permutation-equivariant over candidates. Their inputs are the raw
+features (the sentence feature and F' before L2 normalisation), as in the reference: with
+tau = 1, normalised inputs would make the text-frame attention nearly uniform.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ class _Generator(nn.Module):
 
     def score(self, q: torch.Tensor, cand: torch.Tensor, pair: torch.Tensor, e: torch.Tensor,
               x_t: torch.Tensor) -> torch.Tensor:
-        """a = softmax_c(q.k_c + x_t[c]); x0_hat[c] = MLP_dec([Wo(sum_c a_c u_c) ; v_c]) + a_c."""
+        """a = softmax_c(q.k_c + x_t[c]); x0_hat[c] = MLP_dec([Wo(sum_c a_c u_c) ; pair_c]) + a_c."""
         keys = self.wk(cand + e)
         values = self.wv(cand + e)
         attn = ((q * keys).sum(-1) + x_t).softmax(dim=-1)  # [B, K]
@@ -95,7 +97,9 @@ class VideoToTextGenerator(_Generator):
 
     def denoise(self, pooled: torch.Tensor, cand_text: torch.Tensor, x_t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         e = self.time_embedding(k, x_t.dtype)
-        return self.score(self.wq(pooled + e), cand_text, pooled, e, x_t)
+        # The decoder pairs h with the candidate's own feature: the candidate sentence t_c here,
+        # as v_c in t2v (method.md section 3; the reference decodes [h ; t_c]).
+        return self.score(self.wq(pooled + e), cand_text, cand_text, e, x_t)
 
     def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor, cand_text: torch.Tensor,
                 x_t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

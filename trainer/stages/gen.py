@@ -49,12 +49,12 @@ class GenerationTask(nn.Module):
             x_t = q_sample(x0, k, self.abar, torch.randn_like(x0)).to(dtype)
             if direction == "t2v":
                 cand = video_idx[pools]
-                x0_hat = self.generators.t2v(bank.sentence[text_idx[rows]].to(dtype), bank.frames[cand].to(dtype),
-                                             bank.frame_mask[cand], x_t, k)
+                x0_hat = self.generators.t2v(bank.raw_sentence(text_idx[rows]).to(dtype),
+                                             bank.raw_frames(cand).to(dtype), bank.frame_mask[cand], x_t, k)
             else:
                 cand, query = text_idx[pools], video_idx[rows]
-                x0_hat = self.generators.v2t(bank.frames[query].to(dtype), bank.frame_mask[query],
-                                             bank.sentence[cand].to(dtype), x_t, k)
+                x0_hat = self.generators.v2t(bank.raw_frames(query).to(dtype), bank.frame_mask[query],
+                                             bank.raw_sentence(cand).to(dtype), x_t, k)
             losses[direction] = diffusion_loss(x0_hat.float(), positive, self.loss_kind, self.kl_scale)
         total = losses["t2v"] + losses["v2t"]
         return total, {f"loss_{d}": v.item() for d, v in losses.items()}
