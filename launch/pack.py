@@ -36,8 +36,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def check_root(data) -> None:
-    """Fail before any work when the corpus is not where the config says (synthetic generates it)."""
-    if data.corpus != "synthetic" and not Path(data.root).is_dir():
+    """Fail before any work when the corpus is not where the config says (generated corpora are made)."""
+    from trainer.components.data import GENERATED
+
+    if data.corpus not in GENERATED and not Path(data.root).is_dir():
         raise FileNotFoundError(f"data.root={data.root} is not a directory: corpus '{data.corpus}' must be on disk "
                                 f"there; pass data.root=<dir holding its videos and annotations>")
 

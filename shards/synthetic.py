@@ -69,9 +69,34 @@ def render_clip(
     return np.clip(frames, 0, 255).astype(np.uint8)
 
 
-def _params(n_train: int, n_test: int, seed: int, size: int, fps: int, seconds: float, captions_per_video: int) -> dict:
-    return dict(n_train=n_train, n_test=n_test, seed=seed, size=size, fps=fps, seconds=seconds,
-                captions_per_video=captions_per_video, version=1)
+def _params(n_train: int, n_test: int, seed: int, size: int, fps: int, seconds: float, captions_per_video: int,
+            n_val: int) -> dict:
+    params = dict(n_train=n_train, n_test=n_test, seed=seed, size=size, fps=fps, seconds=seconds,
+                  captions_per_video=captions_per_video, version=1)
+    return dict(params, n_val=n_val) if n_val else params  # corpora made before n_val stay valid
+
+
+def is_generated(root: Path, params: dict) -> bool:
+    """``root/corpus.json`` (written last) records ``params``: the corpus there is complete."""
+    stamp = root / "corpus.json"
+    splits = ["train", "test"] + (["val"] if params.get("n_val") else [])
+    return stamp.is_file() and json.loads(stamp.read_text()) == params and \
+        all((root / f"{split}.jsonl").is_file() for split in splits)
+
+
+def write_manifests(root: Path, rows: dict[str, list[dict]], params: dict, n_val: int) -> Path:
+    """``{train,test}.jsonl`` (and ``val.jsonl``: the last ``n_val`` train videos, carved from train,
+    so that settings are chosen on videos stage con never trained on), then the stamp."""
+    if n_val:
+        if not 0 < n_val < len(rows["train"]):
+            raise ValueError(f"n_val={n_val}: must be in [1, n_train - 1]")
+        rows = dict(rows, train=rows["train"][:-n_val], val=rows["train"][-n_val:])
+    for split, split_rows in rows.items():
+        tmp = root / f".{split}.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+        os.replace(tmp, root / f"{split}.jsonl")
+    (root / "corpus.json").write_text(json.dumps(params))
+    return root
 
 
 def generate_synthetic_corpus(
@@ -83,21 +108,20 @@ def generate_synthetic_corpus(
     fps: int = 8,
     seconds: float = 4.0,
     captions_per_video: int = 2,
+    n_val: int = 0,
 ) -> Path:
-    """Write ``root/videos/<id>.mp4`` and ``root/{train,test}.jsonl`` manifests; returns ``root``.
-    Returns at once when ``root/corpus.json`` records the same parameters (written last, so its
-    presence means a complete corpus)."""
+    """Write ``root/videos/<id>.mp4`` and ``root/{train,test}.jsonl`` manifests (plus ``val.jsonl``
+    carved from train with ``n_val``); returns ``root``. Returns at once when ``root/corpus.json``
+    records the same parameters (written last, so its presence means a complete corpus)."""
     root = Path(root)
     if not 1 <= n_test <= len(COMBOS):
         raise ValueError(f"n_test={n_test}: must be in [1, {len(COMBOS)}] (distinct attribute combinations)")
     if size % 2:
         raise ValueError(f"size={size}: H.264 yuv420p needs an even frame size")
-    params = _params(n_train, n_test, seed, size, fps, seconds, captions_per_video)
-    stamp = root / "corpus.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == params and \
-            (root / "train.jsonl").is_file() and (root / "test.jsonl").is_file():
+    params = _params(n_train, n_test, seed, size, fps, seconds, captions_per_video, n_val)
+    if is_generated(root, params):
         return root
-    stamp.unlink(missing_ok=True)
+    (root / "corpus.json").unlink(missing_ok=True)
     (root / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     test_combos = [COMBOS[i] for i in rng.permutation(len(COMBOS))[:n_test]]
@@ -116,9 +140,4 @@ def generate_synthetic_corpus(
             "captions": captions_for(shape, colour, sz, direction, captions_per_video),
             "attributes": {"shape": shape, "colour": colour, "size": sz, "direction": direction},
         })
-    for split, split_rows in rows.items():
-        tmp = root / f".{split}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in split_rows))
-        os.replace(tmp, root / f"{split}.jsonl")
-    stamp.write_text(json.dumps(params))
-    return root
+    return write_manifests(root, rows, params, n_val)

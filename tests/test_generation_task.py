@@ -5,7 +5,7 @@ from tests.support import TINY
 from trainer.components.features import FeatureBank
 from trainer.models import build_encoder, build_generators
 from ops import alphas_cumprod
-from trainer.stages.gen import GenerationTask, sample_pairs, stage1_similarity
+from trainer.stages.gen import GenerationTask, TopKPools, reference_pools, sample_pairs, stage1_similarity
 
 
 def bank_from_encoder(encoder, n_videos=6, frames=4, words=6) -> FeatureBank:
@@ -29,7 +29,7 @@ def test_gradient_reaches_only_the_generators():
     text_idx, video_idx = sample_pairs(bank, 4, rng)
     assert len(set(video_idx.tolist())) == 4 and torch.equal(bank.text_to_video[text_idx], video_idx)
     sim = stage1_similarity(encoder, bank, text_idx, video_idx)
-    loss, parts = task(sim, bank, text_idx, video_idx, torch.arange(4), 4, video_idx)
+    loss, parts = task(bank, *reference_pools(sim, text_idx, video_idx, torch.arange(4), 4, video_idx))
     loss.backward()
     assert torch.isfinite(loss) and set(parts) == {"loss_t2v", "loss_v2t"}
     assert all(p.grad is not None for p in gens.parameters())
@@ -45,5 +45,28 @@ def test_a_ranks_queries_draw_pools_from_the_whole_global_batch():
     video_idx = torch.tensor([0, 1, 2, 1, 4, 5])
     text_idx = torch.tensor([0, 2, 4, 3, 8, 10])
     sim = stage1_similarity(encoder, bank, text_idx, video_idx)
-    loss, _ = task(sim, bank, text_idx, video_idx, torch.tensor([3, 4, 5]), 5, video_idx)
+    loss, _ = task(bank, *reference_pools(sim, text_idx, video_idx, torch.tensor([3, 4, 5]), 5, video_idx))
+    assert torch.isfinite(loss)
+
+
+def test_topk_pools_are_each_querys_top_candidates_over_the_whole_bank():
+    """stage.gen.mode=topk trains on what re-ranking sees: a caption's pool is its video and the
+    stage-1 top videos of the whole train bank; a video's pool is one of its captions and the best
+    captions of other videos (never another caption of its own)."""
+    encoder = build_encoder(TINY, max_frames=4).requires_grad_(False).eval()
+    bank = bank_from_encoder(encoder, n_videos=8)
+    pools = TopKPools(encoder, bank, pool=4)
+    sim = encoder.similarity(bank.text(), bank.video())
+    for t in range(sim.shape[0]):
+        own = int(bank.text_to_video[t])
+        ranked = [v for v in sim[t].argsort(descending=True).tolist() if v != own]
+        assert pools.t2v[t].tolist() == [own] + ranked[:3]
+    for v in range(bank.num_videos):
+        others = [c for c in sim[:, v].argsort(descending=True).tolist() if int(bank.text_to_video[c]) != v]
+        assert pools.v2t_negatives[v].tolist() == others[:3]
+    texts, videos = sample_pairs(bank, 5, torch.Generator().manual_seed(0))
+    t2v_q, t2v_c, v2t_q, v2t_c = pools.sample(bank, texts, videos)
+    assert torch.equal(t2v_c[:, 0], bank.text_to_video[texts]) and torch.equal(bank.text_to_video[v2t_c[:, 0]], videos)
+    task = GenerationTask(build_generators(TINY), alphas_cumprod("cosine", 5), "kl", 100.0)
+    loss, _ = task(bank, t2v_q, t2v_c, v2t_q, v2t_c)
     assert torch.isfinite(loss)

@@ -17,9 +17,10 @@ from trainer.models.config import ModelConfig
 
 @dataclass
 class SyntheticConfig:
-    """The embedded procedurally generated corpus (only read when ``data.corpus=synthetic``)."""
+    """The generated corpora (``data.corpus=synthetic`` or ``counting``): their sizes."""
 
     n_train: int = 640
+    n_val: int = 0  # carved from the n_train: the val split (data.val_split) for choosing settings
     n_test: int = 96
     size: int = 64
     fps: int = 8
@@ -43,11 +44,14 @@ class PackConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "synthetic"  # synthetic | manifest | msrvtt | activitynet | didemo | msvd | lsmdc
+    corpus: str = "synthetic"  # synthetic | counting | manifest | msrvtt | activitynet | didemo | msvd | lsmdc
     root: str = MISSING  # the corpus as it lies on disk
     shards: str = "${data.root}/shards"  # packed WebDataset shards
     train_split: str = "train"
     test_split: str = "test"
+    # A split carved from train that settings (eval.rerank_alpha) are chosen on, never on the test
+    # split; "" = none (the configured values are used as they are).
+    val_split: str = ""
     max_frames: int = 12
     max_words: int = 32
     sample_fps: float = 1.0
@@ -86,7 +90,10 @@ class GenConfig:
     epochs: int = 40
     max_steps: int = 0
     batch_size: int = 128  # queries per step (drawn from cached features)
-    pool_size: int = 128  # candidates per query: the positive + the hardest negatives
+    # topk: each query's top-K of stage-1 over the whole train bank (K = eval.rerank_topk), what
+    # re-ranking sees; reference: DiffusionRet's hardest negatives of the random global batch.
+    mode: str = "topk"
+    pool_size: int = 128  # mode=reference: candidates per query, the positive + the hardest negatives
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
@@ -110,7 +117,8 @@ class StageConfig:
 @dataclass
 class EvalConfig:
     rerank_topk: int = 32
-    rerank_alpha: float = 1.0
+    rerank_alpha: float = 1.0  # used as it is when there is no data.val_split; else chosen from the grid
+    rerank_alpha_grid: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
     ddim_steps: int = 0  # 0 = all gen.timesteps
     block: int = 256  # similarity block (rows) during evaluation
     dual_softmax_temperature: float = 100.0
@@ -164,6 +172,12 @@ class RunConfig:
     keep_last: int = 2  # complete checkpoints kept per stage, plus the best one (see eval_every)
     eval_every: int = 0  # optimizer steps between mid-stage evaluations of stage con (0 = only after
     # each stage); each one checkpoints, and `best` is then the best evaluated checkpoint (t2v Rsum)
+    # A stage whose loss sits at chance (within collapse_margin nats of ln(pool)) or whose
+    # similarities have no spread, collapse_patience log intervals in a row after the warmup, has
+    # stopped learning: it is tagged in MLflow and, with stop_on_collapse, ends the run (exit 2).
+    stop_on_collapse: bool = True
+    collapse_patience: int = 3
+    collapse_margin: float = 0.05
 
 
 @dataclass

@@ -27,7 +27,7 @@ from trainer.components.tracking import MetricsLogger
 from trainer.config import RootConfig
 from trainer.evaluation.outputs import log_evaluation, write_outputs
 from trainer.evaluation.scoring import Evaluation
-from trainer.evaluation.suite import midstage_evaluator, score_encoder, score_generator
+from trainer.evaluation.suite import choose_rerank_alpha, midstage_evaluator, score_encoder, score_generator
 from trainer.models import build_encoder
 from trainer.stages.con import train_con
 from trainer.stages.gen import train_gen
@@ -60,8 +60,7 @@ def train(dcfg: DictConfig, *, train_source: TrainSourceFactory = local_train_so
             gen_resume = resume if resume and resume.stage == "gen" and not resume.finished else None
             generators, abar = train_gen(ctx, encoder, train_bank, gen_resume)
             if dist.is_main:
-                score_generator(result, test_bank, generators, abar, cfg.eval, cfg.run.seed)
-                log_evaluation(ctx, result, "gen_rerank", step=0)
+                evaluate_generator(ctx, encoder, result, test_bank, generators, abar)
         if dist.is_main:
             write_outputs(ctx, result, time.time() - started)
             if cfg.tracking.register and tracker.run_id:
@@ -123,6 +122,25 @@ def evaluate_encoder(ctx: RunContext, encoder, train_bank: FeatureBank | None
     return result, test_bank
 
 
+def evaluate_generator(ctx: RunContext, encoder, result: Evaluation, test_bank: FeatureBank, generators,
+                       abar: torch.Tensor) -> None:
+    """Rank 0: gen_rerank on the test split, with alpha chosen on the val split when there is one."""
+    cfg = ctx.cfg
+    alpha = None
+    if cfg.data.val_split:
+        val_bank = encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.val_split),
+                                CaptionTokenizer(cfg.data.max_words), ctx.dist.device, torch.float32,
+                                f"encode {cfg.data.val_split}", cfg.run.progress)
+        alpha, result.rerank_alpha_scores = choose_rerank_alpha(encoder, val_bank, generators, abar, cfg.eval,
+                                                                cfg.run.seed)
+        print(f"rerank alpha {alpha} chosen on {cfg.data.val_split} (t2v+v2t Rsum per alpha: "
+              f"{', '.join(f'{a}: {v:.1f}' for a, v in result.rerank_alpha_scores.items())})")
+    score_generator(result, test_bank, generators, abar, cfg.eval, cfg.run.seed, alpha)
+    result.rerank_alpha = cfg.eval.rerank_alpha if alpha is None else alpha
+    ctx.tracker.log_metrics({"eval/gen_rerank/alpha": result.rerank_alpha}, step=0)
+    log_evaluation(ctx, result, "gen_rerank", step=0)
+
+
 def file_identity(path: Path) -> dict:
     stat = path.stat()
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -153,6 +171,7 @@ def register(ctx: RunContext, result: Evaluation, stage: str, con_path: Path) ->
     cfg = ctx.cfg
     version = register_stage(ctx.tracker.uri, ctx.tracker.run_id, ctx.run_dir, stage, result.metrics,
                              name=cfg.tracking.registered_model, champion_metric=cfg.tracking.champion_metric,
-                             con_path=con_path, corpus=cfg.data.corpus)
+                             con_path=con_path, corpus=cfg.data.corpus, chance=result.chance())
+    note = " (promoted)" if version.promoted else " (not promoted: within noise of chance)" if version.near_chance else ""
     print(f"registered {version.name} v{version.version} ({version.metric} {version.value:.2f}); champion: "
-          f"v{version.champion_version}{' (promoted)' if version.promoted else ''}")
+          f"{'none' if version.champion_version == 'none' else 'v' + version.champion_version}{note}")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 from shards.index import ShardsNotFound, VerifyReport, index_path, read_index, verify_split
 from shards.manifest import ManifestCorpus
 from shards.probe import Transcode
+from shards.counting import generate_counting_corpus
 from shards.synthetic import generate_synthetic_corpus
 from shards.writer import PackReport, pack_split
 from trainer.components.distributed import DistInfo
@@ -22,15 +23,19 @@ from trainer.config import DataConfig, ModelConfig
 if TYPE_CHECKING:  # the stream pulls in torch, decord and open_clip: packing does not need them
     from shards.loader import StreamLoader
 
+# Corpora generated procedurally on first use (data.synthetic holds their sizes): the embedded one
+# and a second of another make (shards/counting.py), so every learning claim is checked on two.
+GENERATED = {"synthetic": generate_synthetic_corpus, "counting": generate_counting_corpus}
+
 
 def corpus_records(data: DataConfig, split: str):
     """The records (VideoSample | Quarantined) of one split of the configured corpus."""
     root = Path(data.root)
-    if data.corpus == "synthetic":
+    if data.corpus in GENERATED:
         s = data.synthetic
-        generate_synthetic_corpus(root, n_train=s.n_train, n_test=s.n_test, seed=s.seed, size=s.size, fps=s.fps,
-                                  seconds=s.seconds, captions_per_video=s.captions_per_video)
-        return ManifestCorpus(root / f"{split}.jsonl", corpus="synthetic").samples(split)
+        GENERATED[data.corpus](root, n_train=s.n_train, n_test=s.n_test, seed=s.seed, size=s.size, fps=s.fps,
+                               seconds=s.seconds, captions_per_video=s.captions_per_video, n_val=s.n_val)
+        return ManifestCorpus(root / f"{split}.jsonl", corpus=data.corpus).samples(split)
     if data.corpus == "manifest":
         for suffix in (".jsonl", ".csv"):
             if (root / f"{split}{suffix}").is_file():
@@ -75,11 +80,11 @@ def pack_corpus(data: DataConfig, splits: list[str], *, progress: bool, force: b
 
 
 def ensure_shards(data: DataConfig, *, progress: bool) -> None:
-    """The embedded synthetic corpus is generated and packed on first use; any other corpus must
-    already be packed (``python launch/pack.py``). Both splits are checked here, before anything
-    is written, so a wrong path or an empty split fails at once, not mid-run."""
-    splits = [data.train_split, data.test_split]
-    if data.corpus == "synthetic":
+    """The generated corpora are generated and packed on first use; any other corpus must already
+    be packed (``python launch/pack.py``). Every split is checked here, before anything is written,
+    so a wrong path or an empty split fails at once, not mid-run."""
+    splits = [data.train_split, data.test_split] + ([data.val_split] if data.val_split else [])
+    if data.corpus in GENERATED:
         for outcome in pack_corpus(data, splits, progress=progress):
             if outcome.verified is not None and not outcome.verified.ok:
                 raise RuntimeError(f"verification of {data.shards}/{outcome.split} failed: {outcome.verified}")

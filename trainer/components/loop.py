@@ -50,11 +50,13 @@ def epochs(source: Iterable) -> Iterator:
 def run_stage(ctx, stage: str, engine, ckpt: CheckpointManager, state: LoopState, *, total: int,
               micro_batches: Iterator, micro_step: MicroStep, log_every: int,
               extra_metrics: Callable[[], dict[str, float]] = dict,
-              evaluate: Callable[[int], float | None] | None = None, eval_every: int = 0):
+              evaluate: Callable[[int], float | None] | None = None, eval_every: int = 0,
+              monitor: Callable[[int, dict[str, float]], None] | None = None):
     """Run optimizer steps ``state.step + 1 .. total``; returns the final checkpoint's tag dir.
 
     ``evaluate(step)`` runs every ``eval_every`` steps (not at the last: the run evaluates after the
-    stage) and the checkpoint taken right after it is ranked by its score."""
+    stage) and the checkpoint taken right after it is ranked by its score. ``monitor(step, logged)``
+    sees every logged set of metrics (collapse detection); it may raise to end the stage."""
     timer, window = StepTimer(), []  # window: the micro-step metrics of the optimizer step in progress
     metrics: dict[str, float] = {}
     progress = tqdm(total=total, initial=state.step, desc=f"stage {stage}",
@@ -75,8 +77,11 @@ def run_stage(ctx, stage: str, engine, ckpt: CheckpointManager, state: LoopState
             progress.set_postfix(loss=f"{metrics['loss']:.3f}")
             step = state.step
             if step % log_every == 0 or step == total:
-                ctx.log(stage, {**metrics, "samples_seen": state.samples_seen, **extra_metrics(),
-                                **learning_rates(engine), **timer.read()}, step)
+                logged = {**metrics, "samples_seen": state.samples_seen, **extra_metrics(), **learning_rates(engine),
+                          **timer.read()}
+                ctx.log(stage, logged, step)
+                if monitor is not None:
+                    monitor(step, logged)
             if step >= total:
                 break
             if stop.should_stop():

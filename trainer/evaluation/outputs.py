@@ -33,6 +33,11 @@ def write_outputs(ctx, result: Evaluation, elapsed_s: float) -> None:
         "tracking_uri": tracker.uri or cfg.tracking.uri,
         "corpus": cfg.data.corpus,
         "test_split": cfg.data.test_split,
+        "test_texts": result.num_texts,
+        "test_videos": result.num_videos,
+        "chance": result.chance(),
+        "rerank_alpha": result.rerank_alpha,
+        "rerank_alpha_val_rsum": {str(a): v for a, v in result.rerank_alpha_scores.items()},
         "stages": list(cfg.stage.run),
         "elapsed_s": round(elapsed_s, 1),
         "metrics": result.metrics,
@@ -44,7 +49,9 @@ def write_outputs(ctx, result: Evaluation, elapsed_s: float) -> None:
         tracker.log_artifact(path)
     for path in made:
         tracker.log_artifact(path, artifact_path="plots")
-    print(f"\n{cfg.run.name}: {cfg.data.corpus} {cfg.data.test_split}, stages {'+'.join(cfg.stage.run)}, "
+    chance = result.chance()["t2v"]["R1"]
+    print(f"\n{cfg.run.name}: {cfg.data.corpus} {cfg.data.test_split} ({result.num_texts} captions, "
+          f"{result.num_videos} videos: chance R@1 {chance:.2f}), stages {'+'.join(cfg.stage.run)}, "
           f"{elapsed_s / 60:.1f} min\n{summary_table(result.metrics)}\n"
           f"metrics: {metrics_path}\nplots:   {plots}\nMLflow run {tracker.run_id} at {tracker.uri} "
           f"(mlflow ui --backend-store-uri {tracker.uri})")

@@ -20,9 +20,26 @@ class Evaluation:
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     ranks: dict[str, torch.Tensor] = field(default_factory=dict)
     sim: torch.Tensor | None = None  # stage-1 similarity [Nt, Nv], what re-ranking starts from
+    num_texts: int = 0  # what the split's scores were computed on
+    num_videos: int = 0
+    rerank_alpha: float | None = None  # the weight gen_rerank used
+    rerank_alpha_scores: dict[float, float] = field(default_factory=dict)  # val t2v+v2t Rsum per alpha
+
+    def chance(self) -> dict[str, dict[str, float]]:
+        """What a model that ranks at random scores: R@k = k / videos (both directions rank videos),
+        MdR = MnR = (videos + 1) / 2; and the standard error of R@k over the queries of each direction."""
+        n = max(self.num_videos, 1)
+        out = {}
+        for direction, queries in (("t2v", self.num_texts), ("v2t", self.num_videos)):
+            rk = {f"R{k}": 100.0 * min(1.0, k / n) for k in (1, 5, 10, 50)}
+            se = {f"R{k}_se": (v * (100.0 - v) / max(queries, 1)) ** 0.5 for k, v in
+                  ((k, rk[f"R{k}"]) for k in (1, 5, 10, 50))}
+            out[direction] = {**rk, "MdR": (n + 1) / 2, "MnR": (n + 1) / 2, **se}
+        return out
 
     def add(self, variant: str, t2v_sim: torch.Tensor, v2t_sim: torch.Tensor, text_to_video: torch.Tensor) -> None:
         """t2v_sim [Nt, Nv] and v2t_sim [Nt, Nv] (texts x videos both; they differ after re-ranking)."""
+        self.num_texts, self.num_videos = t2v_sim.shape
         t2v = retrieval_metrics(t2v_sim, text_to_video)
         v2t = t2v if v2t_sim is t2v_sim else retrieval_metrics(v2t_sim, text_to_video)
         self.metrics[variant] = {"t2v": t2v["t2v"], "v2t": v2t["v2t"]}

@@ -18,7 +18,7 @@ from trainer.components.distributed import barrier
 from trainer.components.features import FeatureBank, encode_split
 from trainer.config import EvalConfig
 from trainer.evaluation.scoring import (Evaluation, eval_metric_names, evaluate_con, evaluate_dual_softmax,
-                                        evaluate_qb_norm, evaluate_rerank)
+                                        evaluate_qb_norm, evaluate_rerank, rerank, similarity_matrix)
 from trainer.models import Generators, RetrievalEncoder
 
 
@@ -36,10 +36,31 @@ def score_encoder(encoder: RetrievalEncoder, bank: FeatureBank, e: EvalConfig,
 
 
 def score_generator(result: Evaluation, bank: FeatureBank, generators: Generators, abar: torch.Tensor,
-                    e: EvalConfig, seed: int) -> None:
-    """Variant ``gen_rerank``, added to ``result`` (which holds the stage-1 similarity)."""
-    evaluate_rerank(result, bank, generators, abar, topk=e.rerank_topk, alpha=e.rerank_alpha, steps=e.ddim_steps,
-                    seed=seed)
+                    e: EvalConfig, seed: int, alpha: float | None = None) -> None:
+    """Variant ``gen_rerank``, added to ``result`` (which holds the stage-1 similarity), with
+    ``alpha`` (chosen on validation) or ``eval.rerank_alpha``."""
+    evaluate_rerank(result, bank, generators, abar, topk=e.rerank_topk,
+                    alpha=e.rerank_alpha if alpha is None else alpha, steps=e.ddim_steps, seed=seed)
+
+
+@torch.no_grad()
+def choose_rerank_alpha(encoder: RetrievalEncoder, val_bank: FeatureBank, generators: Generators,
+                        abar: torch.Tensor, e: EvalConfig, seed: int) -> tuple[float, dict[float, float]]:
+    """The re-ranking weight alpha from ``eval.rerank_alpha_grid`` with the best t2v + v2t Rsum on
+    the validation split (carved from train, never the test split); a tie goes to the smaller
+    alpha, and 0 (the stage-1 ranking unchanged) is in the grid, so on validation re-ranking never
+    loses. The DDIM runs once: S' = S + alpha * p, so p = S'(alpha=1) - S serves every alpha."""
+    generators.eval()
+    sim = similarity_matrix(encoder, val_bank, e.block)
+    t2v, v2t = rerank(sim, val_bank, generators, abar, topk=e.rerank_topk, alpha=1.0,
+                      steps=e.ddim_steps or abar.shape[0], seed=seed)
+    scores = {}
+    for alpha in sorted(e.rerank_alpha_grid):
+        trial = Evaluation()
+        trial.add("gen", sim + alpha * (t2v - sim), sim + alpha * (v2t - sim), val_bank.text_to_video)
+        scores[alpha] = trial.metrics["gen"]["t2v"]["Rsum"] + trial.metrics["gen"]["v2t"]["Rsum"]
+    best = max(scores.values())
+    return min(a for a, v in scores.items() if v == best), scores
 
 
 def midstage_evaluator(ctx, encoder: RetrievalEncoder) -> Callable[[int], float | None]:

@@ -7,6 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+SCRATCH_LOGIT_SCALE = 1 / 0.07
+PRETRAINED_LOGIT_SCALE = 100.0
+
+
 @dataclass
 class ModelConfig:
     name: str = "clip_b32"
@@ -25,7 +29,11 @@ class ModelConfig:
     quick_gelu: bool = True  # OpenAI weights were trained with QuickGELU
     temporal_layers: int = 4
     weight_mlp_hidden: int = 1024
-    logit_scale_init: float = 100.0
+    # exp(logit_scale) at init; 0 = by provenance: 100, the reference's, when fine-tuning
+    # pretrained weights; 1/0.07 (CLIP's own init) from scratch, where 100 makes the loss at init
+    # (random, spread-out similarities x 100) far above chance, so that the first steps collapse the
+    # similarities to equal -- loss ln(pool) -- before learning anything.
+    logit_scale_init: float = 0.0
     logit_scale_max: float = 100.0
     freeze_patch_embed: bool = True
     gen_tau: float = 1.0  # text-frame attention temperature inside the generator
@@ -35,3 +43,8 @@ class ModelConfig:
     laff: bool = False
     laff_dim: int = 2048
     laff_heads: int = 8
+
+    def initial_logit_scale(self) -> float:
+        if self.logit_scale_init:
+            return self.logit_scale_init
+        return PRETRAINED_LOGIT_SCALE if self.weights else SCRATCH_LOGIT_SCALE

@@ -108,7 +108,7 @@ class RetrievalEncoder(nn.Module):
         self.text_weight = token_weight_mlp(cfg.embed_dim, cfg.weight_mlp_hidden)
         self.video_weight = token_weight_mlp(cfg.embed_dim, cfg.weight_mlp_hidden)
         # Shape [1], not a scalar: DeepSpeed broadcasts parameters as bytes, which 0-d bf16 cannot be.
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.logit_scale_init)))
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.initial_logit_scale())))
         self.logit_scale_max = cfg.logit_scale_max
         self.laff_video = self.laff_text = None
         if cfg.laff:
@@ -130,8 +130,12 @@ class RetrievalEncoder(nn.Module):
         if self.laff_text is not None:
             weighted = torch.einsum("bl,bld->bd", weights.to(words.dtype), words)
             fused, fusion = self.laff_text([sentence, weighted])
+        # Normalised in fp32 whatever the model's dtype: early in training from scratch the features
+        # are nearly parallel, and bf16 unit vectors (8-bit mantissa) round away the differences
+        # between candidates that the loss needs to see.
+        words, sentence = words.float(), sentence.float()
         return TextFeatures(F.normalize(words, dim=-1), weights, mask, F.normalize(sentence, dim=-1), fused, fusion,
-                            sentence.float().norm(dim=-1))
+                            sentence.norm(dim=-1))
 
     def encode_video(self, video: torch.Tensor, mask: torch.Tensor) -> VideoFeatures:
         b, t = video.shape[:2]
@@ -142,7 +146,8 @@ class RetrievalEncoder(nn.Module):
         if self.laff_video is not None:
             weighted = torch.einsum("bf,bfd->bd", weights.to(frames.dtype), frames)
             fused, fusion = self.laff_video([masked_mean(clip_frames, mask), masked_mean(frames, mask), weighted])
-        return VideoFeatures(F.normalize(frames, dim=-1), weights, mask, fused, fusion, frames.float().norm(dim=-1))
+        frames = frames.float()  # normalised in fp32, as the words are
+        return VideoFeatures(F.normalize(frames, dim=-1), weights, mask, fused, fusion, frames.norm(dim=-1))
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.logit_scale_max)

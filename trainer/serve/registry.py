@@ -42,9 +42,10 @@ class RegisteredVersion:
     model_uri: str  # models:/<name>/<version>
     metric: str
     value: float
-    promoted: bool  # alias moved to this version
+    promoted: bool  # alias moved to this version (never when near_chance)
     champion_version: str  # the version the alias points at afterwards
     previous_value: float | None  # the old champion's value (None: there was none)
+    near_chance: bool = False  # the metric is within noise of random ranking
 
 
 def flatten_metrics(metrics: dict, variant: str | None) -> dict[str, float]:
@@ -57,6 +58,20 @@ def flatten_metrics(metrics: dict, variant: str | None) -> dict[str, float]:
                        "pass variant= one of those")
     return {f"{direction}_{name}": float(value)
             for direction, by_name in metrics[variant].items() for name, value in by_name.items()}
+
+
+def near_chance(value: float, metric: str, chance: dict | None) -> bool:
+    """Within 3 standard errors of what random ranking scores (``Evaluation.chance()``), for a flat
+    metric name ``<direction>_<metric>`` (R@k, MdR, MnR); False when the chance level is unknown."""
+    if not chance or "_" not in metric:
+        return False
+    direction, name = metric.split("_", 1)
+    level = chance.get(direction, {})
+    if name.startswith("R") and name in level:
+        return value <= level[name] + 3 * level.get(f"{name}_se", 0.0)
+    if name in ("MdR", "MnR") and name in level:
+        return value >= 0.9 * level[name]  # ranks: within 10% of the middle of the gallery
+    return False
 
 
 def is_better(new: float, old: float, metric: str) -> bool:
@@ -107,14 +122,15 @@ def save_pyfunc(path: Path, con_path: Path, gen_path: Path | None, settings: Inf
 
 def register_stage(tracker_uri: str, run_id: str, run_dir: Path, stage: str, metrics: dict, *, name: str,
                    champion_metric: str = "t2v_R1", variant: str | None = None, con_path: Path | None = None,
-                   corpus: str | None = None, alias: str = CHAMPION) -> RegisteredVersion:
+                   corpus: str | None = None, alias: str = CHAMPION, chance: dict | None = None) -> RegisteredVersion:
     """Log ``run_dir``'s stage exports as a pyfunc model in run ``run_id``, register it under
     ``name`` and move ``alias`` to it if it beats the current holder on ``champion_metric``.
 
     ``metrics`` is ``Evaluation.metrics`` (then ``variant`` picks the variant; default
     ``gen_rerank`` for stage gen, ``con`` for stage con) or a flat ``{"t2v_R1": ...}`` dict.
     ``con_path`` defaults to ``<run_dir>/con.pt`` (pass ``stage.gen.init`` when it came from
-    elsewhere); stage gen also needs ``<run_dir>/gen.pt``.
+    elsewhere); stage gen also needs ``<run_dir>/gen.pt``. With ``chance`` (``Evaluation.chance()``)
+    a version whose champion metric is within noise of chance is registered but never promoted.
     """
     from mlflow.exceptions import MlflowException
 
@@ -165,7 +181,13 @@ def register_stage(tracker_uri: str, run_id: str, run_dir: Path, stage: str, met
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             raise
-    promoted = champion_version is None or previous_value is None or is_better(value, previous_value, champion_metric)
+    at_chance = near_chance(value, champion_metric, chance)
+    promoted = not at_chance and (champion_version is None or previous_value is None
+                                  or is_better(value, previous_value, champion_metric))
+    if at_chance:
+        log.warning("%s version %s: %s=%.4g is within noise of chance; %s stays where it was", name, mv.version,
+                    champion_metric, value, alias)
+        client.set_model_version_tag(name, mv.version, "near_chance", "true")
     if promoted:
         client.set_registered_model_alias(name, alias, mv.version)
         champion_version = mv.version
@@ -173,7 +195,8 @@ def register_stage(tracker_uri: str, run_id: str, run_dir: Path, stage: str, met
     log.info("registered %s version %s (%s=%.4g); %s at version %s", name, mv.version, champion_metric, value,
              alias, champion_version)
     return RegisteredVersion(name, str(mv.version), f"models:/{name}/{mv.version}", champion_metric, value,
-                             promoted, str(champion_version), previous_value)
+                             promoted, str(champion_version) if champion_version is not None else "none",
+                             previous_value, at_chance)
 
 
 def load_bundle(uri: str | Path, *, tracking_uri: str | None = None) -> ModelBundle:

@@ -14,6 +14,7 @@ from torch import nn
 from ops import gather_with_grad
 from shards.decode import video_to_device
 from trainer.components.checkpoint import ResumePoint
+from trainer.components.collapse import CollapseWatch, report_collapse
 from trainer.components.data import TrainSource
 from trainer.components.engine import build_engine, engine_dtype
 from trainer.components.export import export_stage
@@ -59,6 +60,7 @@ class ContrastiveTask(nn.Module):
         if self.teacher is not None and encoder.laff_video is not None:
             raise ValueError("stage.con.momentum with model.laff is not supported yet: turn one of them off")
         self.fusion_weights: dict[str, float] = {}  # mean LAFF attention per fused feature, for logging
+        self.sim_std: float | None = None  # spread of the latest pool's similarities (collapse: ~0)
         self.text_queue = self.video_queue = None
         if self.teacher is not None and con.queue_size > 0:
             dim = encoder.text_weight[0].in_features
@@ -78,7 +80,9 @@ class ContrastiveTask(nn.Module):
         if t.fused is not None:
             return self._laff_loss(t, v, scale, all_groups)
         if self.teacher is None:
-            return contrastive_loss(self.encoder.similarity(t, v), scale, all_groups, all_groups)
+            sim = self.encoder.similarity(t, v)
+            self.sim_std = float(sim.detach().std())
+            return contrastive_loss(sim, scale, all_groups, all_groups)
         with torch.no_grad():
             tt, tv = gather_features(self.teacher.module.encode_text(text, text_mask),
                                      self.teacher.module.encode_video(video, video_mask))
@@ -177,11 +181,22 @@ def train_con(ctx, encoder: RetrievalEncoder, source: TrainSource, resume: Resum
         return {"loss": contrastive_step(engine, batch, dtype, ctx.dist.device)}, len(batch["video_id"]) * world
 
     def extra_metrics() -> dict[str, float]:
-        return {"epoch": source.epoch, "logit_scale": encoder.scale().item(), **task.fusion_weights,
+        spread = {} if task.sim_std is None else {"sim_std": task.sim_std}
+        return {"epoch": source.epoch, "logit_scale": encoder.scale().item(), **spread, **task.fusion_weights,
                 **{f"data_{k}": v for k, v in source.counters.items()}}
+
+    run = cfg.run
+    watch = CollapseWatch("con", pool=cfg.data.batch_size * world + con.queue_size,
+                          start_step=int(total * con.warmup_ratio) + 1, patience=run.collapse_patience,
+                          margin=run.collapse_margin)
+
+    def monitor(step: int, logged: dict[str, float]) -> None:
+        if watch.check(step, logged["loss"], logged.get("sim_std")):
+            report_collapse(ctx, watch, step, logged["loss"], logged.get("sim_std"))
+            watch.flagged = -10**9  # said once; training goes on only with run.stop_on_collapse=false
 
     tag_dir = run_stage(ctx, "con", engine, ckpt, state, total=total, micro_batches=epochs(source),
                         micro_step=micro_step, log_every=con.log_every, extra_metrics=extra_metrics,
-                        evaluate=evaluate, eval_every=eval_every)
+                        evaluate=evaluate, eval_every=eval_every, monitor=monitor)
     return export_stage(engine, "con", tag_dir, ctx.run_dir, step=state.step, model_config=asdict(cfg.model),
                         max_frames=cfg.data.max_frames)

@@ -1,6 +1,8 @@
 """Stage ``gen``: the diffusion generator learns to denoise the one-hot distribution over a
-candidate pool (the positive plus the hardest negatives by stage-1 similarity over the global
-batch of every rank), encoders frozen.
+candidate pool, encoders frozen. ``stage.gen.mode=topk`` (default) pools each query with its
+top-K candidates by stage-1 similarity over the whole train bank, K = eval.rerank_topk: the
+distribution it re-ranks at inference. ``reference`` is DiffusionRet's: the positive plus the
+hardest negatives of the global batch of every rank.
 
 The frozen encoders' features of the train split are computed once, so this stage
 never decodes video again.
@@ -23,7 +25,8 @@ from trainer.models.losses import diffusion_loss
 
 
 class GenerationTask(nn.Module):
-    """What the DeepSpeed engine wraps in stage gen: a batch of paired features -> L_t2v + L_v2t."""
+    """What the DeepSpeed engine wraps in stage gen: each direction's queries and candidate pools
+    (bank indices, the positive in column 0) -> L_t2v + L_v2t."""
 
     def __init__(self, generators: Generators, abar: torch.Tensor, loss: str, kl_scale: float):
         super().__init__()
@@ -32,32 +35,72 @@ class GenerationTask(nn.Module):
         self.loss_kind = loss
         self.kl_scale = kl_scale
 
-    def forward(self, sim: torch.Tensor, bank: FeatureBank, text_idx: torch.Tensor, video_idx: torch.Tensor,
-                rows: torch.Tensor, pool_size: int, groups: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """sim [G, G]: stage-1 similarity of the global batch (pair i = text_idx[i], video_idx[i]);
-        this rank's queries are the pairs ``rows``; their pools come from the whole global batch."""
-        n = rows.shape[0]
+    def forward(self, bank: FeatureBank, t2v_query: torch.Tensor, t2v_cands: torch.Tensor, v2t_query: torch.Tensor,
+                v2t_cands: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """t2v: caption queries [n] and candidate videos [n, P]; v2t: video queries [m] and candidate
+        captions [m, P]; column 0 of each pool is the positive."""
         dtype = next(self.generators.parameters()).dtype
         losses = {}
-        for direction, s in (("t2v", sim), ("v2t", sim.t())):
-            pools = mine_candidate_pools(s[rows], rows, pool_size, groups[rows], groups)  # [n, P], positive at 0
+        for direction, query, cands in (("t2v", t2v_query, t2v_cands), ("v2t", v2t_query, v2t_cands)):
+            n, pool = cands.shape
             # Shuffle columns so the positive's position carries no information.
-            perm = torch.randperm(pool_size, device=sim.device)
-            pools, positive = pools[:, perm], (perm == 0).nonzero()[0].expand(n)
-            x0 = nn.functional.one_hot(positive, pool_size).float()
-            k = torch.randint(0, self.abar.shape[0], (n,), device=sim.device)
+            perm = torch.randperm(pool, device=cands.device)
+            cands, positive = cands[:, perm], (perm == 0).nonzero()[0].expand(n)
+            x0 = nn.functional.one_hot(positive, pool).float()
+            k = torch.randint(0, self.abar.shape[0], (n,), device=cands.device)
             x_t = q_sample(x0, k, self.abar, torch.randn_like(x0)).to(dtype)
             if direction == "t2v":
-                cand = video_idx[pools]
-                x0_hat = self.generators.t2v(bank.raw_sentence(text_idx[rows]).to(dtype),
-                                             bank.raw_frames(cand).to(dtype), bank.frame_mask[cand], x_t, k)
+                x0_hat = self.generators.t2v(bank.raw_sentence(query).to(dtype), bank.raw_frames(cands).to(dtype),
+                                             bank.frame_mask[cands], x_t, k)
             else:
-                cand, query = text_idx[pools], video_idx[rows]
                 x0_hat = self.generators.v2t(bank.raw_frames(query).to(dtype), bank.frame_mask[query],
-                                             bank.raw_sentence(cand).to(dtype), x_t, k)
+                                             bank.raw_sentence(cands).to(dtype), x_t, k)
             losses[direction] = diffusion_loss(x0_hat.float(), positive, self.loss_kind, self.kl_scale)
         total = losses["t2v"] + losses["v2t"]
         return total, {f"loss_{d}": v.item() for d, v in losses.items()}
+
+
+def reference_pools(sim: torch.Tensor, text_idx: torch.Tensor, video_idx: torch.Tensor, rows: torch.Tensor,
+                    pool_size: int, groups: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``stage.gen.mode=reference``: sim [G, G] is the stage-1 similarity of the global batch (pair i =
+    text_idx[i], video_idx[i]); this rank's queries are the pairs ``rows``, each pooled with its
+    hardest negatives of the whole global batch. Returns (t2v_query, t2v_cands, v2t_query, v2t_cands)."""
+    t2v = mine_candidate_pools(sim[rows], rows, pool_size, groups[rows], groups)
+    v2t = mine_candidate_pools(sim.t()[rows], rows, pool_size, groups[rows], groups)
+    return text_idx[rows], video_idx[t2v], video_idx[rows], text_idx[v2t]
+
+
+class TopKPools:
+    """``stage.gen.mode=topk``: train on the distribution the generator re-ranks. Every caption's
+    top-P videos and every video's top-P captions by stage-1 similarity over the whole train bank
+    (P = eval.rerank_topk), computed once in row blocks; a query's pool is its positive and its
+    P - 1 hardest negatives among those (other captions of the same video are never negatives)."""
+
+    def __init__(self, encoder: RetrievalEncoder, bank: FeatureBank, pool: int, block: int = 256):
+        t2v_video = bank.text_to_video
+        n_texts, n_videos = t2v_video.shape[0], bank.num_videos
+        self.pool = min(pool, n_videos)
+        videos = bank.video()
+        t2v, v2t_best = [], torch.full((n_videos, n_texts), float("-inf"))
+        for r0 in range(0, n_texts, block):
+            rows = slice(r0, min(r0 + block, n_texts))
+            with torch.no_grad():
+                sim = encoder.similarity(bank.text(rows), videos).float().cpu()
+            t2v.append(mine_candidate_pools(sim, t2v_video[rows].cpu(), self.pool))
+            v2t_best[:, rows] = sim.t()
+        self.t2v = torch.cat(t2v)  # [Nt, P]: video ids, the caption's own video first
+        # v2t: each video's captions ranked; the positive column is filled per step (a random caption
+        # of the query video), the negatives are the best captions of other videos.
+        own = t2v_video.cpu()[None, :] == torch.arange(n_videos)[:, None]
+        n_neg = min(self.pool - 1, n_texts - int(own.sum(1).max()))
+        self.v2t_negatives = v2t_best.masked_fill(own, float("-inf")).topk(n_neg, dim=1).indices  # [Nv, P-1]
+
+    def sample(self, bank: FeatureBank, texts: torch.Tensor, videos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Pools for caption queries ``texts`` and video queries ``videos`` (whose positive captions
+        are drawn the way stage con draws a caption: ``videos``' pairs from ``sample_pairs``)."""
+        own_caption = texts  # sample_pairs gives one caption of each video: the v2t positive
+        v2t = torch.cat([own_caption[:, None], self.v2t_negatives[videos]], dim=1)
+        return texts, self.t2v[texts], videos, v2t
 
 
 def sample_pairs(bank: FeatureBank, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,12 +131,15 @@ def global_batch(text_idx: torch.Tensor, video_idx: torch.Tensor) -> tuple[torch
 
 
 def generation_step(engine, encoder: RetrievalEncoder, bank: FeatureBank, pairs: tuple[torch.Tensor, torch.Tensor],
-                    pool_size: int) -> dict[str, float]:
-    text_idx, video_idx, rows = global_batch(*pairs)
-    sim = stage1_similarity(encoder, bank, text_idx, video_idx)
-    groups = video_idx  # a pair's group is its video: copies of one video are never each other's negatives
-    pool = min(pool_size, int(groups.unique().numel()))
-    loss, parts = engine(sim, bank, text_idx, video_idx, rows, pool, groups)
+                    pool_size: int, topk: TopKPools | None) -> dict[str, float]:
+    if topk is not None:
+        pools = topk.sample(bank, *pairs)
+    else:
+        text_idx, video_idx, rows = global_batch(*pairs)
+        sim = stage1_similarity(encoder, bank, text_idx, video_idx)
+        groups = video_idx  # a pair's group is its video: copies of one video are never each other's negatives
+        pools = reference_pools(sim, text_idx, video_idx, rows, min(pool_size, int(groups.unique().numel())), groups)
+    loss, parts = engine(bank, *pools)
     engine.backward(loss)
     engine.step()
     return {"loss": loss.item(), **parts}
@@ -141,9 +187,14 @@ def train_gen(ctx, encoder: RetrievalEncoder, bank: FeatureBank,
     if resume is not None:
         ckpt.restore(engine, resume)
     samples = min(gen.batch_size, bank.num_videos) * ctx.dist.world_size
+    topk = None
+    if gen.mode == "topk":
+        topk = TopKPools(encoder, bank, cfg.eval.rerank_topk, cfg.eval.block)
+    elif gen.mode != "reference":
+        raise ValueError(f"stage.gen.mode must be 'topk' or 'reference', got {gen.mode!r}")
 
     def micro_step(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict[str, float], int]:
-        return generation_step(engine, encoder, bank, batch, gen.pool_size), samples
+        return generation_step(engine, encoder, bank, batch, gen.pool_size, topk), samples
 
     tag_dir = run_stage(ctx, "gen", engine, ckpt, state, total=total, micro_batches=iter(pairs),
                         micro_step=micro_step, log_every=gen.log_every)
