@@ -21,6 +21,10 @@ TINY = ModelConfig(name="tiny", embed_dim=32, image_size=32, patch_size=16, visi
                    vision_head_width=16, text_width=32, text_layers=2, text_heads=2, quick_gelu=False,
                    temporal_layers=2, weight_mlp_hidden=16)
 
+# The test corpus (conftest's TINY_CORPUS) has no val split; the default job's data.val_split=val
+# would generate and pack one into the shared fixture.
+NO_VAL = "data.val_split="
+
 # A tiny but complete training run (stage con -> stage gen -> evaluation -> MLflow -> registry).
 TINY_RUN = [
     "data.max_frames=4", "data.max_words=16", "data.batch_size=8", "data.eval_batch_size=8", "data.num_workers=0",
@@ -36,6 +40,9 @@ def free_port() -> int:
 
 
 def launch_train(*overrides: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``launch/train.py`` with ``overrides`` (and no val split unless they name one: see NO_VAL)."""
+    if not any(o.startswith("data.val_split=") for o in overrides):
+        overrides = (*overrides, NO_VAL)
     return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *overrides], cwd=cwd,
                           env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=timeout)
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.support import free_port
+from tests.support import NO_VAL, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_RUN = [
     "data.max_frames=4", "data.max_words=16", "data.batch_size=4", "data.eval_batch_size=8", "data.num_workers=0",
     "stage.con.max_steps=3", "stage.gen.max_steps=3", "stage.gen.batch_size=8", "stage.gen.timesteps=5",
-    "eval.rerank_topk=4", "run.progress=false", "tracking.flush_every_s=0.5",
+    "eval.rerank_topk=4", "run.progress=false", "tracking.flush_every_s=0.5", NO_VAL,
 ]
 GLOBAL_BATCH = 8
 STEPS = 5  # DeepSpeed WarmupCosineLR gives the first two updates lr 0 (see engine.py)

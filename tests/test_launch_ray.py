@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.support import free_port
+from tests.support import NO_VAL, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TINY_RUN = [
     "data.max_frames=4", "data.max_words=16", "data.batch_size=4", "data.eval_batch_size=8", "data.num_workers=0",
-    "data.shuffle_buffer=0", "stage.con.max_steps=3", "run.progress=false", "tracking.flush_every_s=0.5",
+    "data.shuffle_buffer=0", "stage.con.max_steps=3", "run.progress=false", "tracking.flush_every_s=0.5", NO_VAL,
 ]
 
 

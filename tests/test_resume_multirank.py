@@ -30,7 +30,7 @@ import psutil
 import pytest
 import torch
 
-from tests.support import export_weights as weights, run_losses as losses
+from tests.support import NO_VAL, export_weights as weights, run_losses as losses
 from trainer.components.checkpoint import MARKER, CheckpointManager, complete_tags, find_resume_point
 from tests.support import free_port
 
@@ -41,7 +41,7 @@ TWO_RANK_RUN = [
     "stage=con", f"stage.con.max_steps={STEPS}", "stage.con.log_every=1", "deepspeed.precision=fp32",
     "data.max_frames=4", "data.max_words=16", "data.batch_size=4", "data.num_workers=0", "run.progress=false",
     "run.checkpoint_every=1", "run.keep_last=2", "tracking.flush_every_s=0.2", "tracking.register=false",
-    "eval.block=64",
+    "eval.block=64", NO_VAL,
 ]
 
 

@@ -30,6 +30,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from trainer.components.export import safe_load
+
 MARKER = "COMPLETE"
 
 
@@ -46,13 +48,17 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every generator's state as tensors and plain data, so that it loads with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -221,5 +227,5 @@ class CheckpointManager:
             obj.load_state_dict(client[name])
         rng_file = point.tag_dir / f"rng_rank{engine.global_rank}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(safe_load(rng_file))
         return int(client["step"])

@@ -12,6 +12,25 @@ from torch import nn
 EXPORT_FORMAT = 1
 
 
+class UnsafeFile(ValueError):
+    """A file that a weights-only load refuses: loading it would run code from its pickle."""
+
+
+def safe_load(path: Path):
+    """``torch.load`` with ``weights_only=True``: tensors, numbers, strings and containers only.
+    Everything streamret writes (exports, RNG states, feature banks) loads this way; a file whose
+    pickle asks for anything else is refused, and nothing in it runs."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnsafeFile(f"{path}: refused, its pickle holds more than tensors and plain data ({first[:160]}); "
+                         "streamret never unpickles code: use a file this version of streamret wrote, or "
+                         "re-export it from a trusted run dir") from None
+
+
 def write_export(path: Path, stage: str, state_dict: dict[str, torch.Tensor], **meta) -> Path:
     """The export payload, written atomically: a crash mid-write never leaves a torn file under
     the real name."""
@@ -56,8 +75,8 @@ def load_export(path: Path) -> dict:
             f"no stage checkpoint at {path}: run stage con first (stage=con or stage=all) or set "
             "stage.gen.init=<run_dir | path to con.pt>"
         )
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("format") != EXPORT_FORMAT:
+    payload = safe_load(path)
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path}: not a streamret stage export (format {payload.get('format')!r})")
     return payload
 

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from shards.decode import video_to_device
+from trainer.components.export import safe_load
 from shards.tokenize import CaptionTokenizer
 from trainer.models import RetrievalEncoder, TextFeatures, VideoFeatures
 
@@ -129,7 +130,7 @@ def cached_encode_split(cache_dir: Path | None, key: dict, encode) -> FeatureBan
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"features-{digest}.pt"
     if path.is_file():
-        return FeatureBank(**torch.load(path, weights_only=False))
+        return FeatureBank(**safe_load(path))
     bank = encode()
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # every rank may write it; each its own temp file

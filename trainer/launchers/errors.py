@@ -9,10 +9,12 @@ from typing import Callable, TypeVar
 from shards.corpora.common import AnnotationError
 from shards.manifest import ManifestError
 from trainer.components.collapse import TrainingCollapsed
+from trainer.components.export import UnsafeFile
 from trainer.components.mlflow_store import TrackingUnavailable
 
 # TrainingCollapsed is not the user's input, but it is the user's to act on, in one line.
-USER_ERRORS = (FileNotFoundError, AnnotationError, ManifestError, TrackingUnavailable, TrainingCollapsed)
+USER_ERRORS = (FileNotFoundError, AnnotationError, ManifestError, TrackingUnavailable, TrainingCollapsed,
+               UnsafeFile)
 Loaded = TypeVar("Loaded")
 
 

@@ -1,0 +1,78 @@
+"""Nothing streamret loads runs code: a checkpoint, feature cache, RNG state or generator payload
+whose pickle would create a file when loaded is refused with one line, and the file never appears."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support import TINY_RUN, launch_train
+from trainer.components.export import UnsafeFile, safe_load
+
+
+class CreatesAFile:
+    """Unpickling this calls open(marker, "w"): what a hostile checkpoint would do, harmlessly."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def hostile(path: Path, marker: Path, **payload) -> Path:
+    torch.save({**payload, "trap": CreatesAFile(marker)}, path)
+    assert not marker.exists()
+    return path
+
+
+def test_a_hostile_export_rng_state_and_feature_cache_are_refused(tmp_path):
+    from trainer.components.export import load_export
+    from trainer.components.features import cached_encode_split
+
+    marker = tmp_path / "pwned"
+    with pytest.raises(UnsafeFile, match="con.pt: refused"):
+        load_export(hostile(tmp_path / "con.pt", marker, format=1, stage="con", state_dict={}))
+    with pytest.raises(UnsafeFile, match="rng_rank0.pt: refused"):
+        safe_load(hostile(tmp_path / "rng_rank0.pt", marker, torch=torch.get_rng_state()))
+    key = {"encoder": "x"}
+    cache = tmp_path / "features"
+    cache.mkdir()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    hostile(cache / f"features-{digest}.pt", marker, words=torch.zeros(1))
+    with pytest.raises(UnsafeFile, match="features-"):
+        cached_encode_split(cache, key, lambda: pytest.fail("the cache file exists: it must be loaded, not rebuilt"))
+    assert not marker.exists()
+
+
+def test_a_hostile_generator_payload_is_refused(trained_run, tmp_path):
+    from trainer.serve.bundle import InferenceSettings, load_bundle_files
+
+    marker = tmp_path / "pwned"
+    gen = hostile(tmp_path / "gen.pt", marker, format=1, stage="gen", state_dict={})
+    with pytest.raises(UnsafeFile, match="gen.pt: refused"):
+        load_bundle_files(trained_run.run_dir / "con.pt", gen, InferenceSettings.locate(trained_run.run_dir))
+    assert not marker.exists()
+
+
+def test_stage_gen_init_from_a_hostile_checkpoint_is_one_line_and_runs_nothing(synthetic_corpus, synthetic_shards,
+                                                                                tmp_path):
+    marker = tmp_path / "pwned"
+    con = hostile(tmp_path / "con.pt", marker, format=1, stage="con", state_dict={})
+    proc = launch_train("--stage", "gen", f"stage.gen.init={con}", f"data.root={synthetic_corpus}",
+                        f"data.shards={synthetic_shards}", f"run.dir={tmp_path / 'run'}",
+                        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *TINY_RUN, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "con.pt: refused" in last and "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_what_streamret_writes_loads_weights_only(trained_run):
+    for path in [trained_run.run_dir / "con.pt", trained_run.run_dir / "gen.pt",
+                 *sorted((trained_run.run_dir / "checkpoints").rglob("rng_rank*.pt")),
+                 *sorted((trained_run.run_dir / "features").glob("features-*.pt"))]:
+        assert isinstance(safe_load(path), dict), path
