@@ -64,7 +64,8 @@ def _collapsed(uri: str, run_id: str) -> bool:
 def _one(args, corpus: str, seed: int, precision: str, threads: int) -> dict:
     name = f"{corpus}-{precision}-s{seed}"
     run_dir = (args.workdir / "runs" / name).resolve()
-    uri = f"sqlite:///{(args.workdir / 'mlflow.db').resolve()}"
+    # One store per run: runs start at once, and two processes creating one sqlite store race its migration.
+    uri = f"sqlite:///{run_dir}.db"
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), *_corpus_overrides(args, corpus),
            f"run.seed={seed}", f"deepspeed.precision={precision}", f"run.name={name}", f"run.dir={run_dir}",
            f"tracking.uri={uri}", "tracking.register=false", "run.progress=false", "run.stop_on_collapse=false",
