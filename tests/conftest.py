@@ -130,7 +130,7 @@ def trained_run(synthetic_corpus, synthetic_shards, tmp_path_factory) -> SimpleN
     out = tmp_path_factory.mktemp("trained_run")
     uri = f"sqlite:///{out / 'mlflow.db'}"
     proc = launch_train(f"data.root={synthetic_corpus}", f"data.shards={synthetic_shards}", f"run.dir={out / 'run'}",
-                        f"tracking.uri={uri}", *TINY_RUN, cwd=out)
+                        f"tracking.uri={uri}", *TINY_RUN, "tracking.promote_at_chance=true", cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     return SimpleNamespace(out=out, run_dir=out / "run", uri=uri, run_id=metrics["mlflow_run_id"],

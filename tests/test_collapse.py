@@ -51,13 +51,13 @@ def test_a_collapsed_run_stops_with_one_line_is_tagged_and_registers_nothing(syn
     overrides = [o for o in TINY_RUN if not o.startswith("stage.con.max_steps")]
     proc = launch_train(f"data.root={synthetic_corpus}", f"data.shards={synthetic_shards}", f"run.dir={tmp_path / 'run'}",
                         f"tracking.uri={uri}", *overrides, "stage.con.max_steps=8", "stage.con.log_every=1",
-                        "run.collapse_margin=100", "run.collapse_patience=2", cwd=tmp_path)
+                        "run.collapse_margin=100", "run.collapse_patience=2", "run.collapse_min_step=0", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stage con stopped learning at step") and "stage.con.lr" in last
     assert "Traceback" not in proc.stderr
     assert "warning: stage con stopped learning" in proc.stderr
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not a registry URI another test left set
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].data.tags.get("collapsed") == "true" and runs[0].info.status == "FAILED"
     assert not (tmp_path / "run" / "metrics.json").exists()

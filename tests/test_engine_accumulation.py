@@ -21,7 +21,8 @@ from trainer.config import ConConfig, DeepSpeedConfig, ModelConfig
 from tests.support import free_port
 
 MODEL = ModelConfig(embed_dim=32, image_size=32, patch_size=16, vision_width=32, vision_layers=1, vision_head_width=16,
-                    text_width=32, text_layers=1, text_heads=2, temporal_layers=1, weight_mlp_hidden=32)
+                    text_width=32, text_layers=1, text_heads=2, temporal_layers=1, weight_mlp_hidden=32,
+                    logit_scale_init=100.0)  # the gradient norms below (and GRAD_CLIP) were measured at scale 100
 MAX_FRAMES, MAX_WORDS, MICRO_BATCH = 3, 8, 4
 GRAD_ACCUM = 2
 OPT_STEPS = 4  # WarmupCosineLR gives updates 1-2 lr 0 (Adam moments still move), 3-4 lr x1.0 and x0.5

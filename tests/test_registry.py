@@ -57,6 +57,28 @@ def test_champion_moves_only_on_improvement(trained):
     assert client.get_model_version("promo", worse.version).tags["promoted"] == "false"
 
 
+def test_a_version_within_noise_of_chance_is_never_promoted(trained):
+    """Even as the first version of a name (which is otherwise always promoted)."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.serve.registry import register_stage
+
+    chance = {"t2v": {"R1": 1.0, "R1_se": 0.5}}
+    at_chance = register_stage(trained.uri, trained.run_id, trained.run_dir, "con", {"t2v_R1": 2.4}, name="chancy",
+                               chance=chance)
+    from mlflow.exceptions import MlflowException
+
+    assert at_chance.near_chance and not at_chance.promoted
+    with pytest.raises(MlflowException):
+        champion_version(trained.uri, "chancy")  # no alias at all
+    tags = MlflowClient(tracking_uri=trained.uri, registry_uri=trained.uri).get_model_version("chancy",
+                                                                                             at_chance.version).tags
+    assert tags["near_chance"] == "true" and tags["promoted"] == "false"
+    above = register_stage(trained.uri, trained.run_id, trained.run_dir, "con", {"t2v_R1": 2.6}, name="chancy",
+                           chance=chance)
+    assert above.promoted and champion_version(trained.uri, "chancy") == above.version
+
+
 def test_register_rejects_unknown_metric_and_missing_export(trained, tmp_path):
     from trainer.serve.registry import register_stage
 

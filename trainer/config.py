@@ -144,6 +144,9 @@ class TrackingConfig:
     registered_model: str = "streamret"
     champion_metric: str = "t2v_R1"  # alias `champion` moves only when a new version beats it on this
     register: bool = True  # register each finished run's model in the MLflow registry
+    # A version whose champion metric is within noise of chance is registered but not promoted;
+    # true promotes it all the same (a smoke test of the registry path, not a model to serve).
+    promote_at_chance: bool = False
     system_metrics: bool = False
     flush_every_s: float = 5.0
 
@@ -176,6 +179,7 @@ class RunConfig:
     # similarities have no spread, collapse_patience log intervals in a row after the warmup, has
     # stopped learning: it is tagged in MLflow and, with stop_on_collapse, ends the run (exit 2).
     stop_on_collapse: bool = True
+    collapse_min_step: int = 50  # and never before this optimizer step: a run this short is still near chance
     collapse_patience: int = 3
     collapse_margin: float = 0.05
 

@@ -171,7 +171,8 @@ def register(ctx: RunContext, result: Evaluation, stage: str, con_path: Path) ->
     cfg = ctx.cfg
     version = register_stage(ctx.tracker.uri, ctx.tracker.run_id, ctx.run_dir, stage, result.metrics,
                              name=cfg.tracking.registered_model, champion_metric=cfg.tracking.champion_metric,
-                             con_path=con_path, corpus=cfg.data.corpus, chance=result.chance())
+                             con_path=con_path, corpus=cfg.data.corpus,
+                             chance=None if cfg.tracking.promote_at_chance else result.chance())
     note = " (promoted)" if version.promoted else " (not promoted: within noise of chance)" if version.near_chance else ""
     print(f"registered {version.name} v{version.version} ({version.metric} {version.value:.2f}); champion: "
           f"{'none' if version.champion_version == 'none' else 'v' + version.champion_version}{note}")

@@ -4,7 +4,8 @@ or similarities with no spread left (every caption scores every video alike).
 A collapsed run must say so: it warns on stderr with the likely causes and fixes, tags its MLflow
 run ``collapsed=true`` and, unless ``run.stop_on_collapse=false``, stops with one line naming the
 fix (exit 2) instead of finishing, writing plots and registering a model that ranks at chance.
-Checks start after the warmup: a randomly initialised model starts near chance by construction.
+Checks start after the warmup and not before ``run.collapse_min_step``: a randomly initialised
+model starts near chance by construction, and a run of a few steps has not left it yet.
 """
 from __future__ import annotations
 

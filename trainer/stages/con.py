@@ -187,7 +187,8 @@ def train_con(ctx, encoder: RetrievalEncoder, source: TrainSource, resume: Resum
 
     run = cfg.run
     watch = CollapseWatch("con", pool=cfg.data.batch_size * world + con.queue_size,
-                          start_step=int(total * con.warmup_ratio) + 1, patience=run.collapse_patience,
+                          start_step=max(int(total * con.warmup_ratio) + 1, run.collapse_min_step),
+                          patience=run.collapse_patience,
                           margin=run.collapse_margin)
 
     def monitor(step: int, logged: dict[str, float]) -> None:
