@@ -65,7 +65,7 @@ def test_topk_pools_are_each_querys_top_candidates_over_the_whole_bank():
         others = [c for c in sim[:, v].argsort(descending=True).tolist() if int(bank.text_to_video[c]) != v]
         assert pools.v2t_negatives[v].tolist() == others[:3]
     texts, videos = sample_pairs(bank, 5, torch.Generator().manual_seed(0))
-    t2v_q, t2v_c, v2t_q, v2t_c = pools.sample(bank, texts, videos)
+    t2v_q, t2v_c, v2t_q, v2t_c = pools.sample(texts, videos)
     assert torch.equal(t2v_c[:, 0], bank.text_to_video[texts]) and torch.equal(bank.text_to_video[v2t_c[:, 0]], videos)
     task = GenerationTask(build_generators(TINY), alphas_cumprod("cosine", 5), "kl", 100.0)
     loss, _ = task(bank, t2v_q, t2v_c, v2t_q, v2t_c)

@@ -95,9 +95,7 @@ def train_features(ctx: RunContext, encoder, con_path: Path) -> FeatureBank:
            "max_frames": cfg.data.max_frames, "max_words": cfg.data.max_words, "sample_fps": cfg.data.sample_fps}
     return cached_encode_split(
         ctx.run_dir / "features" if cfg.stage.gen.cache_features else None, key,
-        lambda: encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.train_split),
-                             CaptionTokenizer(cfg.data.max_words), ctx.dist.device, torch.float32,
-                             "encode train features", cfg.run.progress))
+        lambda: encode(ctx, encoder, cfg.data.train_split, "encode train features"))
 
 
 def evaluate_encoder(ctx: RunContext, encoder, train_bank: FeatureBank | None
@@ -107,16 +105,9 @@ def evaluate_encoder(ctx: RunContext, encoder, train_bank: FeatureBank | None
     if not ctx.dist.is_main:
         return Evaluation(), None
     cfg = ctx.cfg
-    tokenizer = CaptionTokenizer(cfg.data.max_words)
-
-    def encode(split: str, desc: str, max_captions: int = 0) -> FeatureBank:
-        loader = eval_loader(cfg.data, cfg.model, split)
-        return encode_split(encoder, limited(loader, max_captions) if max_captions else loader, tokenizer,
-                            ctx.dist.device, torch.float32, desc, cfg.run.progress)
-
-    test_bank = encode(cfg.data.test_split, "encode test")
+    test_bank = encode(ctx, encoder, cfg.data.test_split, "encode test")
     result, _ = score_encoder(encoder, test_bank, cfg.eval, querybank=lambda: train_bank if train_bank is not None
-                              else encode(cfg.data.train_split, "encode querybank", cfg.eval.qb_bank))
+                              else encode(ctx, encoder, cfg.data.train_split, "encode querybank", cfg.eval.qb_bank))
     for variant in result.metrics:
         log_evaluation(ctx, result, variant, step=0)
     return result, test_bank
@@ -128,9 +119,7 @@ def evaluate_generator(ctx: RunContext, encoder, result: Evaluation, test_bank: 
     cfg = ctx.cfg
     alpha = None
     if cfg.data.val_split:
-        val_bank = encode_split(encoder, eval_loader(cfg.data, cfg.model, cfg.data.val_split),
-                                CaptionTokenizer(cfg.data.max_words), ctx.dist.device, torch.float32,
-                                f"encode {cfg.data.val_split}", cfg.run.progress)
+        val_bank = encode(ctx, encoder, cfg.data.val_split, f"encode {cfg.data.val_split}")
         alpha, result.rerank_alpha_scores = choose_rerank_alpha(encoder, val_bank, generators, abar, cfg.eval,
                                                                 cfg.run.seed)
         print(f"rerank alpha {alpha} chosen on {cfg.data.val_split} (t2v+v2t Rsum per alpha: "
@@ -139,6 +128,15 @@ def evaluate_generator(ctx: RunContext, encoder, result: Evaluation, test_bank: 
     result.rerank_alpha = cfg.eval.rerank_alpha if alpha is None else alpha
     ctx.tracker.log_metrics({"eval/gen_rerank/alpha": result.rerank_alpha}, step=0)
     log_evaluation(ctx, result, "gen_rerank", step=0)
+
+
+def encode(ctx: RunContext, encoder, split: str, desc: str, max_captions: int = 0) -> FeatureBank:
+    """The frozen encoder's fp32 features of ``split`` (its first ``max_captions`` captions' samples
+    when > 0), on this rank's device: the one way run.py encodes a split."""
+    cfg = ctx.cfg
+    loader = eval_loader(cfg.data, cfg.model, split)
+    return encode_split(encoder, limited(loader, max_captions) if max_captions else loader,
+                        CaptionTokenizer(cfg.data.max_words), ctx.dist.device, torch.float32, desc, cfg.run.progress)
 
 
 def file_identity(path: Path) -> dict:

@@ -95,7 +95,7 @@ class TopKPools:
         n_neg = min(self.pool - 1, n_texts - int(own.sum(1).max()))
         self.v2t_negatives = v2t_best.masked_fill(own, float("-inf")).topk(n_neg, dim=1).indices  # [Nv, P-1]
 
-    def sample(self, bank: FeatureBank, texts: torch.Tensor, videos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def sample(self, texts: torch.Tensor, videos: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Pools for caption queries ``texts`` and video queries ``videos`` (whose positive captions
         are drawn the way stage con draws a caption: ``videos``' pairs from ``sample_pairs``)."""
         own_caption = texts  # sample_pairs gives one caption of each video: the v2t positive
@@ -133,7 +133,7 @@ def global_batch(text_idx: torch.Tensor, video_idx: torch.Tensor) -> tuple[torch
 def generation_step(engine, encoder: RetrievalEncoder, bank: FeatureBank, pairs: tuple[torch.Tensor, torch.Tensor],
                     pool_size: int, topk: TopKPools | None) -> dict[str, float]:
     if topk is not None:
-        pools = topk.sample(bank, *pairs)
+        pools = topk.sample(*pairs)
     else:
         text_idx, video_idx, rows = global_batch(*pairs)
         sim = stage1_similarity(encoder, bank, text_idx, video_idx)
