@@ -2,7 +2,7 @@
 
     python launch/eval.py --model models:/streamret@champion data.shards=data/msrvtt/shards \
         tracking.uri=sqlite:///mlflow.db [--out eval.json] [eval.qb_bank=2000] [--mlflow]
-    python launch/eval.py model=runs/synthetic-tiny data.shards=...
+    python launch/eval.py model=runs/<run.name> data.shards=...
 
 The model is not a Hydra key (``model=`` is Hydra's model-config group), so it is given as
 ``--model X`` (or ``model=X`` when X is a ``models:/`` / ``runs:/`` URI or an existing path; a
@@ -81,16 +81,19 @@ def run_eval(args: EvalArgs, dcfg) -> dict:
     encoder, s = bundle.encoder, bundle.settings
     # The model decides how inputs are shaped; the config only says where the data is.
     data = dataclasses.replace(cfg.data, max_frames=bundle.max_frames, max_words=s.max_words, sample_fps=s.sample_fps)
-    read_index(Path(data.shards), data.test_split)  # ShardsNotFound names the fix
+    read_index(data.shards, data.test_split)  # ShardsNotFound names the fix
     tokenizer = CaptionTokenizer(data.max_words)
-    bank = encode_split(encoder, eval_loader(data, bundle.model_config, data.test_split), tokenizer, device,
-                        torch.float32, f"encode {data.test_split}", cfg.run.progress)
+    loader = eval_loader(data, bundle.model_config, data.test_split)
+    bank = encode_split(encoder, loader, tokenizer, device, torch.float32, f"encode {data.test_split}", cfg.run.progress)
+    # what the scores stand on: every sample the index lists is scored or counted as dropped
+    test_data = {"in_split": loader.stream.total_samples, "scored": bank.num_videos,
+                 **{k: v for k, v in loader.counters.items() if v}}
 
     e = cfg.eval
     qb_split = data.train_split
 
     def querybank():
-        read_index(Path(data.shards), qb_split)
+        read_index(data.shards, qb_split)
         loader = limited(eval_loader(data, bundle.model_config, qb_split), e.qb_bank)
         return encode_split(encoder, loader, tokenizer, device, torch.float32, "encode querybank", cfg.run.progress)
 
@@ -98,22 +101,32 @@ def run_eval(args: EvalArgs, dcfg) -> dict:
     if qb_info is not None:
         qb_info["split"] = qb_split
     if bundle.generators is not None:
-        score_generator(result, bank, bundle.generators, bundle.alphas_cumprod().to(device), e, cfg.run.seed)
+        # the weight the training run chose on its val split, unless eval.rerank_alpha= is given here
+        given = any(o.startswith("eval.rerank_alpha=") for o in args.overrides)
+        alpha = None if given else s.rerank_alpha
+        score_generator(result, bank, bundle.generators, bundle.alphas_cumprod().to(device), e, cfg.run.seed, alpha)
+        result.rerank_alpha = e.rerank_alpha if alpha is None else alpha
+        print(f"gen_rerank alpha {result.rerank_alpha} ({'given' if given else 'chosen on val at training' if alpha is not None else 'eval.rerank_alpha'})")
     t = e.dual_softmax_temperature
 
     elapsed = time.time() - started
     payload = {"model": args.model, "source": bundle.source, "shards": data.shards, "split": data.test_split,
-               "num_videos": bank.num_videos, "num_captions": len(bank.captions), "querybank": qb_info,
+               "num_videos": bank.num_videos, "num_captions": len(bank.captions), "test_data": test_data,
+               "rerank_alpha": result.rerank_alpha,
+               "querybank": qb_info,
                "dual_softmax_temperature": t, "elapsed_s": round(elapsed, 1), "metrics": result.metrics}
     out = write_metrics_json(args.out, payload)
-    print(f"\n{args.model}: {data.shards} {data.test_split} ({bank.num_videos} videos, {len(bank.captions)} captions), "
+    if bank.num_videos < test_data["in_split"]:
+        print(f"warning: {data.test_split}: scored {bank.num_videos} of its {test_data['in_split']} samples ({test_data})")
+    print(f"\n{args.model}: {data.shards} {data.test_split} (scored {bank.num_videos} of its {test_data['in_split']} "
+          f"samples, {len(bank.captions)} captions), "
           f"{elapsed:.1f} s\n{summary_table(result.metrics)}\nmetrics: {out}")
     if args.mlflow:
-        log_to_mlflow(cfg, args, result, out)
+        log_to_mlflow(cfg, args, result, out, test_data)
     return payload
 
 
-def log_to_mlflow(cfg, args: EvalArgs, result, json_path: Path) -> None:
+def log_to_mlflow(cfg, args: EvalArgs, result, json_path: Path, test_data: dict) -> None:
     from trainer.evaluation.scoring import eval_metric_names
     from trainer.components.tracking import MetricsLogger
 
@@ -123,8 +136,9 @@ def log_to_mlflow(cfg, args: EvalArgs, result, json_path: Path) -> None:
         tracker.log_params({"model": args.model, "data.shards": cfg.data.shards, "qb_bank": e.qb_bank,
                             "qb_k": e.qb_k, "qb_beta": e.qb_beta, "ds_temperature": e.dual_softmax_temperature})
         tracker.log_metrics(eval_metric_names(result.metrics), step=0)
+        tracker.log_metrics({f"eval/data_{cfg.data.test_split}_{k}": float(v) for k, v in test_data.items()}, step=0)
         tracker.log_artifact(json_path)
-    print(f"MLflow run {tracker.run_id} at {cfg.tracking.uri}")
+    print(f"MLflow run {tracker.run_id} at {tracker.shown_uri}")
 
 
 def main(argv: list[str] | None = None) -> int:

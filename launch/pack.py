@@ -1,7 +1,14 @@
 """Pack a corpus into WebDataset shards: `python launch/pack.py data=<corpus> data.root=<dir> [overrides]`.
 
 Packs `data.train_split` and `data.test_split` into `data.shards` with `data.pack.workers` processes
-(and pack-time transcode when `data.pack.transcode_short_side` > 0). A split that already has an
+(and pack-time transcode when `data.pack.transcode_short_side` > 0). Every split's annotations are
+read before any split is written; a split that packs nothing or loses more than
+`data.pack.max_quarantine` of its rows is refused (exit 2, no index written).
+
+Existing WebDataset shards (video2dataset: key.mp4 + key.txt + key.json) are indexed in place, not
+repacked: `python launch/pack.py data=webdataset data.webdataset.train='/d/{00000..00099}.tar'
+data.webdataset.test=... data.shards=/d/index`; then `launch/train.py data=webdataset
+data.shards=/d/index` trains from them. A split that already has an
 index is left alone unless `--force` is given. `data.pack.verify=true` (or `--verify`) re-reads every
 shard of each split and checks sample counts and sha256 against the index; a mismatch exits 1 and
 names the shard.
@@ -39,6 +46,11 @@ def check_root(data) -> None:
     """Fail before any work when the corpus is not where the config says (generated corpora are made)."""
     from trainer.components.data import GENERATED
 
+    if data.corpus == "webdataset":  # existing shards are indexed where they are: data.webdataset.train|val|test
+        return
+    if not data.root:
+        raise FileNotFoundError(f"data.root is unset: pass data.root=<dir holding corpus '{data.corpus}'s annotations "
+                                f"and videos>")
     if data.corpus not in GENERATED and not Path(data.root).is_dir():
         raise FileNotFoundError(f"data.root={data.root} is not a directory: corpus '{data.corpus}' must be on disk "
                                 f"there; pass data.root=<dir holding its videos and annotations>")
@@ -46,17 +58,18 @@ def check_root(data) -> None:
 
 def pack(cfg, splits: list[str], force: bool) -> int:
     """Pack (unless already packed and not forced) and optionally verify each split; the exit code."""
+    from shards.storage import join, redact
     from trainer.components.data import pack_corpus
 
     data, failed = cfg.data, []
     for outcome in pack_corpus(data, splits, progress=cfg.run.progress, force=force):
-        shard_dir, split = Path(data.shards), outcome.split
+        split = outcome.split
         if outcome.report is None:
-            print(f"{split}: already packed ({shard_dir / f'{split}.index.json'}); pass --force to re-pack")
+            print(f"{split}: already packed ({redact(join(data.shards, f'{split}.index.json'))}); pass --force to re-pack")
         else:
             print(outcome.report)
             if outcome.report.quarantined:
-                print(f"{split}: quarantined rows and reasons are in {shard_dir / f'{split}.quarantine.jsonl'}")
+                print(f"{split}: quarantined rows and reasons are in {redact(join(data.shards, f'{split}.quarantine.jsonl'))}")
         if outcome.verified is not None:
             print(outcome.verified)
             if not outcome.verified.ok:

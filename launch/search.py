@@ -57,6 +57,8 @@ def parse_args(argv: list[str]) -> SearchArgs:
         raise ConfigError(f"unknown flag {stray[0]!r}; {USAGE}")
     if not model or not known.query:
         raise ConfigError(f"{'--model' if not model else '--query'} is required; {USAGE}")
+    if not known.query.strip():  # a blank query tokenises to nothing and "finds" arbitrary videos
+        raise ConfigError(f"--query is blank ({known.query!r}): give the words to search for; {USAGE}")
     if known.topk < 1 or known.frames < 1:
         raise ConfigError(f"--topk ({known.topk}) and --frames ({known.frames}) must be >= 1")
     if known.shards:
@@ -121,7 +123,7 @@ def run_search(args: SearchArgs, dcfg) -> list[dict]:
     s = bundle.settings
     data = dataclasses.replace(cfg.data, max_frames=bundle.max_frames, max_words=s.max_words, sample_fps=s.sample_fps)
     split = args.split or data.test_split
-    read_index(Path(data.shards), split)
+    read_index(data.shards, split)
     tokenizer = CaptionTokenizer(data.max_words)
     bank = encode_split(bundle.encoder, eval_loader(data, bundle.model_config, split), tokenizer, device,
                         torch.float32, f"encode {split}", cfg.run.progress)

@@ -8,50 +8,58 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards import storage
+
 
 class ShardsNotFound(FileNotFoundError):
     """No usable index for a split: it was never packed, or packing failed."""
 
 
-def index_path(shard_dir: Path, split: str) -> Path:
-    return Path(shard_dir) / f"{split}.index.json"
+def index_path(shard_dir: str | Path, split: str) -> Path | str:
+    """``<shard_dir>/<split>.index.json``: a Path for a local folder, the URL for object storage."""
+    location = storage.join(shard_dir, f"{split}.index.json")
+    return location if storage.is_url(location) else Path(location)
 
 
-def read_index(shard_dir: Path, split: str) -> dict:
+def read_index(shard_dir: str | Path, split: str) -> dict:
     """The index dict; raises ``ShardsNotFound`` naming the path and how to create it."""
     path = index_path(shard_dir, split)
-    fix = f"run `python launch/pack.py` for split '{split}' with its output dir set to {Path(shard_dir)}"
-    if not path.is_file():
-        raise ShardsNotFound(f"no shard index at {path}: split '{split}' was never packed there; {fix}")
+    shown = storage.redact(str(path))
+    fix = f"run `python launch/pack.py` for split '{split}' with its output dir set to {storage.redact(str(shard_dir))}"
     try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as exn:
-        raise ShardsNotFound(f"shard index {path} is not valid JSON ({exn}); {fix}") from exn
+        raw = storage.read_bytes(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ShardsNotFound(f"no shard index at {shown}: split '{split}' was never packed there; {fix}") from None
+    try:
+        index = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exn:
+        raise ShardsNotFound(f"shard index {shown} is not valid JSON ({exn}); {fix}") from exn
     if not index.get("shards") or int(index.get("total_samples", 0)) <= 0:
         raise ShardsNotFound(
-            f"shard index {path} lists 0 samples: every row of split '{split}' was quarantined; "
-            f"read {Path(shard_dir) / f'{split}.quarantine.jsonl'} for the reasons, fix the corpus, then {fix}"
+            f"shard index {shown} lists 0 samples: every row of split '{split}' was quarantined; "
+            f"read {storage.redact(storage.join(shard_dir, f'{split}.quarantine.jsonl'))} for the reasons, fix the "
+            f"corpus, then {fix}"
         )
     return index
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (storage.open_stream(str(path)) if storage.is_url(path) else open(path, "rb")) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def count_tar_samples(path: Path) -> int:
+def count_tar_samples(path: str | Path) -> int:
     """Distinct keys in a tar (a sample is several members sharing the key before the first dot)."""
+    from shards.tarread import tar_members
+
     keys: list[str] = []
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            if member.isreg():
-                key = member.name.split("/")[-1].split(".", 1)[0]
-                if not keys or keys[-1] != key:
-                    keys.append(key)
+    for member in tar_members(path, str(path)):
+        key = member["fname"].split("/")[-1].split(".", 1)[0]
+        if not keys or keys[-1] != key:
+            keys.append(key)
     return len(keys)
 
 
@@ -76,22 +84,24 @@ def verify_split(shard_dir: Path, split: str) -> VerifyReport:
     index = read_index(shard_dir, split)
     report = VerifyReport(split)
     for entry in index["shards"]:
-        path = Path(shard_dir) / entry["name"]
+        path = storage.join(shard_dir, entry["name"])
         report.shards_checked += 1
-        if not path.is_file():
-            report.problems.append(f"{path}: missing")
+        if not storage.exists(path):
+            report.problems.append(f"{storage.redact(path)}: missing")
             continue
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            report.problems.append(f"{path}: sha256 {digest[:12]} != index {entry['sha256'][:12]}")
+        if "sha256" in entry:  # shards indexed in place (shards.external) are not hashed: that is a full read
+            digest = sha256_file(path)
+            if digest != entry["sha256"]:
+                report.problems.append(f"{path}: sha256 {digest[:12]} != index {entry['sha256'][:12]}")
         try:
             n = count_tar_samples(path)
         except (tarfile.TarError, OSError, EOFError) as exn:
             report.problems.append(f"{path}: unreadable tar ({exn})")
             continue
-        report.samples += n
-        if n != entry["samples"]:
-            report.problems.append(f"{path}: {n} samples, index says {entry['samples']}")
+        expected = entry.get("keys", entry["samples"])  # keys: every sample, usable or not (shards.external)
+        report.samples += n if "keys" not in entry else entry["samples"] * (n == expected)
+        if n != expected:
+            report.problems.append(f"{path}: {n} samples, index says {expected}")
     if report.samples != index["total_samples"] and not report.problems:
         report.problems.append(f"{report.samples} samples in shards, index total says {index['total_samples']}")
     return report

@@ -1,5 +1,11 @@
-"""Pack-time video work with PyAV: probe a video (is it decodable, how long, how many frames)
-and optionally transcode it to a small, seek-friendly H.264 mp4."""
+"""Pack-time video work with PyAV: probe a video (is it decodable, how long, how many frames, is
+it rotated), optionally transcode it to a small, seek-friendly H.264 mp4, and check that decord,
+the reader that trains, decodes what is stored.
+
+decord ignores display matrices and fails on every read of a rotated video ("from_size ==
+to_size"): a phone video that PyAV probes fine would be skipped every epoch and dropped from
+evaluation. Such a video is re-encoded upright at pack time (at its own size and frame rate when
+no transcode is configured), so what is packed is what trains."""
 from __future__ import annotations
 
 import io
@@ -12,6 +18,7 @@ import av
 import numpy as np
 
 from shards.sample import Quarantined, VideoSample
+from shards.tarread import VIDEO_MEMBERS
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,24 @@ class ProbeInfo:
     num_frames: int
     width: int
     height: int
+    rotation: int = 0  # display rotation in degrees (PyAV's sign: -90 = turn clockwise to show)
+    extension: str = "mp4"  # the container's own file extension, for the tar member name
+
+
+# PyAV container format names -> the member extension the bytes are stored under.
+_FORMAT_EXTENSIONS = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4", "matroska,webm": "mkv", "avi": "avi", "mpeg": "mpg",
+                      "flv": "flv", "asf": "wmv"}
+
+
+def container_extension(format_name: str, path: Path | None) -> str:
+    """The extension for bytes in container ``format_name``; the file's own suffix when it is one
+    of the names of that container (``.webm`` for matroska, ``.mov`` for mp4)."""
+    ext = _FORMAT_EXTENSIONS.get(format_name, format_name.split(",")[0])
+    suffix = path.suffix.lower().lstrip(".") if path is not None else ""
+    if suffix in VIDEO_MEMBERS and (suffix == ext or suffix in format_name.split(",") or
+                                    (ext == "mkv" and suffix == "webm") or (ext == "mp4" and suffix in ("mov", "m4v"))):
+        return suffix
+    return ext if ext in VIDEO_MEMBERS else "mp4"
 
 
 def encode_h264(frames: Iterable[np.ndarray], out, fps: int, width: int, height: int, gop: int = 8,
@@ -79,6 +104,8 @@ def probe_video(data: bytes | Path) -> ProbeInfo:
         if first is None:
             raise ValueError("no decodable frame")
         width, height = first.width, first.height
+        rotation = int(round(getattr(first, "rotation", 0) or 0))
+        format_name = container.format.name
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         container.seek(0)
@@ -93,14 +120,20 @@ def probe_video(data: bytes | Path) -> ProbeInfo:
         raise ValueError("zero frames")
     if fps <= 0:
         fps = num_frames / duration if duration > 0 else 1.0
-    return ProbeInfo(duration=duration, fps=fps, num_frames=num_frames, width=width, height=height)
+    return ProbeInfo(duration=duration, fps=fps, num_frames=num_frames, width=width, height=height,
+                     rotation=rotation % 360,
+                     extension=container_extension(format_name, data if isinstance(data, Path) else None))
 
 
 def transcode_video(path: Path, spec: Transcode) -> bytes:
-    """Resample to ``spec.fps`` (nearest earlier frame by timestamp), scale the short side to
-    ``spec.short_side`` (even dimensions), re-encode with ``encode_h264``."""
+    """Resample to ``spec.fps`` (nearest earlier frame by timestamp), turn upright by the display
+    rotation, scale the short side to ``spec.short_side`` (even dimensions), re-encode with
+    ``encode_h264``."""
     with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream (audio only?)")
         stream = container.streams.video[0]
+        turns = 0
         first = None
         frames: list[np.ndarray] = []
         next_t = 0.0
@@ -108,30 +141,59 @@ def transcode_video(path: Path, spec: Transcode) -> bytes:
             t = float(frame.time) if frame.time is not None else len(frames) / spec.fps
             if first is None:
                 first = frame
+                turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4  # np.rot90 turns counter-clockwise
                 h, w = frame.height, frame.width
                 scale = spec.short_side / min(h, w)
                 out_w, out_h = max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2)
             while t + 1e-6 >= next_t:
-                frames.append(frame.reformat(width=out_w, height=out_h, format="rgb24").to_ndarray())
+                rgb = frame.reformat(width=out_w, height=out_h, format="rgb24").to_ndarray()
+                frames.append(np.rot90(rgb, turns) if turns else rgb)
                 next_t = len(frames) / spec.fps
     if not frames:
         raise ValueError("no decodable frame")
     buf = io.BytesIO()
-    encode_h264(frames, buf, fps=spec.fps, width=out_w, height=out_h, gop=spec.gop, fastdecode=spec.fastdecode)
+    height, width = frames[0].shape[:2]
+    encode_h264(frames, buf, fps=spec.fps, width=width, height=height, gop=spec.gop, fastdecode=spec.fastdecode)
     return buf.getvalue()
 
 
-def prepare_sample(sample: VideoSample, transcode: Transcode | None = None) -> tuple[dict, bytes] | Quarantined:
-    """Everything pack time needs for one sample: ``(json meta, mp4 bytes)`` or the reason it
-    cannot be packed. Runs in a worker process, so it must never raise."""
+def upright_spec(info: ProbeInfo) -> Transcode:
+    """Re-encode a rotated video at its own size and (rounded) frame rate."""
+    return Transcode(short_side=min(info.width, info.height) // 2 * 2, fps=max(1, round(info.fps)), gop=8)
+
+
+def check_decodes(data: bytes) -> None:
+    """Decode the first and last frame with decord, as the training stream will; raises if it cannot."""
+    from shards.decode import decode_frames  # torch + decord: only where probing runs
+
+    decode_frames(data, lambda n, fps: [0, n - 1])
+
+
+def prepare_sample(sample: VideoSample, transcode: Transcode | None = None) -> tuple[dict, bytes, str] | Quarantined:
+    """Everything pack time needs for one sample: ``(json meta, video bytes, member extension)``
+    or the reason it cannot be packed. Runs in a worker process, so it must never raise."""
     path = sample.video_path
     try:
         if not path.is_file():
             return Quarantined(str(path), "video missing", sample.video_id)
-        data = transcode_video(path, transcode) if transcode else path.read_bytes()
-        info = probe_video(data)
+        if transcode:
+            data, extension = transcode_video(path, transcode), "mp4"
+            info = probe_video(data)
+        else:
+            data = path.read_bytes()
+            info = probe_video(path)
+            extension = info.extension
+            if info.rotation:
+                data, extension = transcode_video(path, upright_spec(info)), "mp4"
+                info = probe_video(data)
     except Exception as exn:  # noqa: BLE001 - any decoder failure means "unusable video"
         return Quarantined(str(path), "unreadable video", sample.video_id, {"error": f"{type(exn).__name__}: {exn}"})
+    try:
+        check_decodes(data)
+    except Exception as exn:  # noqa: BLE001 - decord raises DECORDError and friends
+        return Quarantined(str(path), "not decodable by decord", sample.video_id,
+                           {"error": f"{type(exn).__name__}: {str(exn)[:300]}",
+                            "fix": "set data.pack.transcode_short_side (e.g. 256) to re-encode it at pack time"})
     if sample.start is not None and info.duration > 0 and sample.start >= info.duration:
         return Quarantined(
             str(path), "clip window outside video", sample.video_id,
@@ -139,4 +201,4 @@ def prepare_sample(sample: VideoSample, transcode: Transcode | None = None) -> t
         )
     meta = sample.meta()
     meta.update(duration=info.duration, fps=info.fps, num_frames=info.num_frames)
-    return meta, data
+    return meta, data, extension

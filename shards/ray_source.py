@@ -28,7 +28,8 @@ import numpy as np
 import ray
 
 from shards.index import read_index
-from shards.tarread import shard_samples
+from shards.storage import join
+from shards.tarread import Members, shard_samples
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,12 @@ class SkipCounter:
 
 
 def read_shard_samples(row: dict[str, Any], counter) -> Iterator[dict[str, Any]]:
-    """Raw samples (``key``, ``mp4`` bytes, ``meta`` JSON text) of the shard at ``row["path"]``, which
+    """Raw samples (``key``, ``video`` bytes, ``meta`` JSON text) of the shard at ``row["path"]``, which
     its index says holds ``row["samples"]``; damage goes to ``counter`` (``shards.tarread.shard_samples``)."""
     path = row["path"]
-    for sample in shard_samples(path, path, row["samples"], lambda kind: counter.add.remote(kind)):
-        yield {"key": sample["__key__"], "mp4": sample["mp4"], "meta": sample["json"].decode("utf-8")}
+    members = Members.from_index(row)  # row["members"]: Members.to_json()
+    for sample in shard_samples(path, path, row["samples"], lambda kind: counter.add.remote(kind), members):
+        yield {"key": sample["__key__"], "video": sample["video"], "meta": sample["json"].decode("utf-8")}
 
 
 class DecodeClips:
@@ -84,10 +86,10 @@ class DecodeClips:
         import torch
 
         videos, masks, ids, keys, captions = [], [], [], [], []
-        for key, mp4, meta_text in zip(batch["key"], batch["mp4"], batch["meta"]):
+        for key, video_bytes, meta_text in zip(batch["key"], batch["video"], batch["meta"]):
             try:
                 meta = json.loads(meta_text)
-                frames = self._frames(bytes(mp4), meta)
+                frames = self._frames(bytes(video_bytes), meta)
                 video, mask = self.transform(torch.from_numpy(frames).to(self.device), self.max_frames)
             except Exception as exn:  # noqa: BLE001 - decord raises its own DECORDError and friends
                 self.counter.add.remote("decode_error")
@@ -109,7 +111,7 @@ class DecodeClips:
 
 
 def ray_dataset(
-    shard_dir: Path,
+    shard_dir: str | Path,  # a local folder or an fsspec URL readable from every node
     split: str,
     *,
     max_frames: int,
@@ -121,9 +123,11 @@ def ray_dataset(
     """The decoded samples of a packed split as a lazy ``ray.data.Dataset`` (see module doc).
     Needs ``ray.init()`` first; the cluster needs ``num_actors`` CPUs (GPUs with ``use_gpu``) for
     decoding plus one for reading."""
-    index = read_index(Path(shard_dir), split)  # raises ShardsNotFound with the fix
+    index = read_index(shard_dir, split)  # raises ShardsNotFound with the fix
     counter = SkipCounter.remote()
-    paths = [{"path": str(Path(shard_dir) / s["name"]), "samples": int(s["samples"])} for s in index["shards"]]
+    members = Members.from_index(index).to_json()
+    paths = [{"path": join(shard_dir, s["name"]), "samples": int(s["samples"]), "members": members}
+             for s in index["shards"]]
     dataset = (
         ray.data.from_items(paths, override_num_blocks=len(paths))
         .flat_map(read_shard_samples, fn_kwargs={"counter": counter})

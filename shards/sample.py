@@ -30,6 +30,7 @@ class VideoSample:
     start: float | None = None  # clip window in seconds; None = whole video
     end: float | None = None
     key: str = ""  # tar key; derived from video_id (+ clip / caption index) when empty
+    rows: int = 1  # annotation rows this sample was made of (manifest rows merging their captions)
 
     def __post_init__(self) -> None:
         self.video_path = Path(self.video_path)

@@ -37,7 +37,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.decode import ClipTransform, decode_frames, sample_frame_indices
 from shards.index import read_index
-from shards.tarread import shard_samples
+from shards.storage import is_url, join, redact
+from shards.tarread import Members, check_members, shard_samples
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class ShardStream(IterableDataset):
 
     def __init__(
         self,
-        shard_dir: Path,
+        shard_dir: str | Path,  # a local folder or an fsspec URL (shards.storage)
         split: str,
         *,
         max_frames: int,
@@ -76,11 +77,13 @@ class ShardStream(IterableDataset):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.shard_dir, self.split = Path(shard_dir), split
+        self.shard_dir, self.split = shard_dir if is_url(shard_dir) else Path(shard_dir), split
         self.index = read_index(self.shard_dir, split)
         self.shard_names = [s["name"] for s in self.index["shards"]]
         self.shard_sizes = {s["name"]: int(s["samples"]) for s in self.index["shards"]}
         self.total_samples = int(self.index["total_samples"])
+        self.members = Members.from_index(self.index)
+        check_members(join(self.shard_dir, self.shard_names[0]), self.members)
         self.max_frames, self.image_size, self.sample_fps = max_frames, image_size, sample_fps
         self.training, self.seed, self.shuffle_buffer = training, seed, shuffle_buffer
         self.rank, self.world_size = rank, world_size
@@ -162,10 +165,11 @@ class ShardStream(IterableDataset):
     def _read_shard(self, name: str) -> Iterator[dict]:
         """Raw samples (``__key__``, ``mp4``, ``json`` bytes) of one shard; damage is counted in
         ``counters`` and skipped (``shards.tarread.shard_samples``)."""
-        yield from shard_samples(self.shard_dir / name, name, self.shard_sizes[name], self._count_skip)
+        yield from shard_samples(join(self.shard_dir, name), name, self.shard_sizes[name], self._count_skip,
+                                 self.members)
 
     def _count_skip(self, kind: str) -> None:
-        self.counters[kind] += 1
+        self.counters[kind] = self.counters.get(kind, 0) + 1
 
     def _one_pass(self, names: list[str], filters: list[tuple[int, int]]) -> Iterator[dict]:
         counters = [0] * len(filters)
@@ -218,10 +222,10 @@ class ShardStream(IterableDataset):
             def indices(num_frames: int, fps: float):
                 return sample_frame_indices(num_frames, fps, self.max_frames, self.sample_fps, start, end)
 
-            frames = decode_frames(raw["mp4"], indices)
+            frames = decode_frames(raw["video"], indices)
         except Exception as exn:  # noqa: BLE001 - decord raises its own DECORDError and friends
             self.counters["decode_error"] += 1
-            log.warning("%s/%s: cannot decode sample %s (%s: %s); skipped", self.shard_dir, raw.get("__url__"),
+            log.warning("%s/%s: cannot decode sample %s (%s: %s); skipped", redact(str(self.shard_dir)), raw.get("__url__"),
                         raw.get("__key__"), type(exn).__name__, exn)
             return None
         video, mask = self.transform.crop(frames, self.max_frames)

@@ -6,26 +6,129 @@ member through a 10 KiB buffer: 1.7-4 ms per 2 MB clip on the decode bench, 7-15
 transcoded clip. A shard on disk is seekable, so here ``tarfile`` only parses the headers and each
 member's bytes are one ``read`` (0.3 ms). ``tar_members`` yields what ``tar_file_iterator`` does
 (``fname``/``data`` dicts), so ``webdataset.tariterators.group_by_keys`` groups them as before.
+
+``shard_samples`` hands every consumer one sample shape, whoever wrote the shard: ``video`` (the
+bytes of whichever video member it has: mp4, mkv, webm, avi, ...) and ``json`` (streamret's
+metadata: ``video_id``, ``captions``, clip window). Shards streamret packed carry that json;
+shards written by others (video2dataset: ``key.mp4`` + ``key.txt`` caption + ``key.json``
+metadata) are read through :class:`Members`, recorded in their index by ``shards.external``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import webdataset as wds
 
+from shards.storage import is_url, local_path, redact, resumable_members
+
 log = logging.getLogger(__name__)
+
+VIDEO_MEMBERS = ("mp4", "mov", "m4v", "3gp", "mkv", "webm", "avi", "mpg", "flv", "wmv")
+
+
+class ShardMembersMissing(ValueError):
+    """A shard's samples lack the members its index says make a sample (not a streamret shard?)."""
+
+
+@dataclass(frozen=True)
+class Members:
+    """Where a sample's id and captions are: ``caption_member`` (a text member such as ``txt``,
+    one caption per non-blank line), else ``caption_keys`` (fields of the ``json`` member, each a
+    string or a list of strings); the id is the json field ``id_key``, else the tar key. The default
+    reads streamret's own json (``video_id``, ``captions``)."""
+
+    caption_member: str = ""
+    caption_keys: tuple[str, ...] = ("captions",)
+    id_key: str = "video_id"
+
+    @classmethod
+    def from_index(cls, index: dict) -> "Members":
+        spec = index.get("members") or {}
+        return cls(spec.get("caption_member", ""), tuple(spec.get("caption_keys", ("captions",))),
+                   spec.get("id_key", "video_id"))
+
+    def to_json(self) -> dict:
+        return {"caption_member": self.caption_member, "caption_keys": list(self.caption_keys), "id_key": self.id_key}
+
+    def normalise(self, sample: dict) -> dict | str:
+        """``{"__key__", "video", "json", "__url__"}``, or what is missing (a short reason)."""
+        video = next((sample[ext] for ext in VIDEO_MEMBERS if ext in sample), None)
+        if video is None:
+            return f"no video member (has {sorted(k for k in sample if not k.startswith('__'))})"
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+        except (ValueError, UnicodeDecodeError):
+            return "json member is not valid JSON"
+        if not isinstance(meta, dict):
+            return "json member is not an object"
+        captions = self.captions(sample, meta)
+        if not captions:
+            source = f"{self.caption_member} member" if self.caption_member else f"json field(s) {list(self.caption_keys)}"
+            return f"no caption in its {source}"
+        if self.caption_member or self.caption_keys != ("captions",) or self.id_key != "video_id":
+            video_id = meta.get(self.id_key) if self.id_key else None
+            meta = {"video_id": str(video_id) if video_id not in (None, "") else sample["__key__"], "captions": captions,
+                    "start": meta.get("start"), "end": meta.get("end")}
+            return {"__key__": sample["__key__"], "video": video, "json": json.dumps(meta).encode(),
+                    "__url__": sample.get("__url__")}
+        if "video_id" not in meta:
+            return "json member has no video_id"
+        return {"__key__": sample["__key__"], "video": video, "json": sample["json"], "__url__": sample.get("__url__")}
+
+    def captions(self, sample: dict, meta: dict) -> list[str]:
+        if self.caption_member:
+            raw = sample.get(self.caption_member)
+            if raw is None:
+                return []
+            text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+            return [line.strip() for line in text.split("\n") if line.strip()]
+        found: list[str] = []
+        for key in self.caption_keys:
+            value = meta.get(key)
+            values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+            found.extend(v.strip() for v in values if isinstance(v, str) and v.strip())
+        return found
+
+
+def _unsafe(name: str) -> bool:
+    return name.startswith("/") or ".." in name.split("/")
+
+
+def _streamed_members(f, url: str) -> Iterator[dict]:
+    """Tar stream mode over a network reader: headers and data in order, no seeks."""
+    with tarfile.open(fileobj=f, mode="r|") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            extracted = tar.extractfile(info)
+            data = extracted.read() if extracted is not None else b""
+            if len(data) != info.size:
+                raise EOFError(f"member {info.name} is cut short: {len(data)} of {info.size} bytes")
+            if _unsafe(info.name):
+                log.warning("%s: member %r has an absolute or '..' path; skipped", url, info.name)
+                continue
+            yield {"fname": info.name, "data": data, "__url__": url}
 
 
 def tar_members(path: str | Path, url: str) -> Iterator[dict]:
-    """``{"fname", "data", "__url__": url}`` for each regular file in the tar at ``path``, in order.
+    """``{"fname", "data", "__url__": url}`` for each regular file in the tar at ``path`` (a local
+    path, or an fsspec URL read as a resumable stream: ``shards.storage``), in order.
     A member cut short by truncation raises ``EOFError`` after the complete ones; a damaged
     header raises ``tarfile.ReadError``."""
-    with open(path, "rb", buffering=0) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+    if is_url(path):
+        yield from resumable_members(str(path), lambda f: _streamed_members(f, url))
+        return
+    with open(local_path(path), "rb", buffering=0) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for info in tar:  # headers are parsed lazily, one per step
             if not info.isreg():
+                continue
+            if _unsafe(info.name):  # never a sample of ours
+                log.warning("%s: member %r has an absolute or '..' path; skipped", path, info.name)
                 continue
             f.seek(info.offset_data)
             data = f.read(info.size)
@@ -35,27 +138,51 @@ def tar_members(path: str | Path, url: str) -> Iterator[dict]:
             tar.members = []  # tarfile keeps every header otherwise: a 256 MB shard holds thousands
 
 
-def shard_samples(path: str | Path, url: str, expected: int, skipped: Callable[[str], None]) -> Iterator[dict]:
-    """Complete samples (``__key__``, ``mp4``, ``json``, ``__url__``) of the shard at ``path``, which
+def shard_samples(path: str | Path, url: str, expected: int, skipped: Callable[[str], None],
+                  members: Members = Members()) -> Iterator[dict]:
+    """Complete samples (``__key__``, ``video``, ``json``, ``__url__``) of the shard at ``path``, which
     its index says holds ``expected``. Damage is logged and reported as ``skipped(kind)``, never
-    raised: ``incomplete_sample`` (no mp4 or json member), ``corrupt_shard`` (a truncated or
+    raised: ``incomplete_sample`` (no video member or no captions), ``corrupt_shard`` (a truncated or
     corrupt tar: the samples before the damage are yielded, the rest skipped) and ``short_shard``
     (a tar cut exactly between members reads as a valid, shorter tar: only the index can tell)."""
     read = 0
     try:
         for sample in wds.tariterators.group_by_keys(tar_members(path, url)):
             read += 1
-            if "mp4" not in sample or "json" not in sample:
+            normal = members.normalise(sample)
+            if isinstance(normal, str):
                 skipped("incomplete_sample")
-                log.warning("%s: sample %s lacks its mp4 or json member; skipped", path, sample.get("__key__"))
+                log.warning("%s: sample %s: %s; skipped", path, sample.get("__key__"), normal)
                 continue
-            yield sample
-    except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
+            yield normal
+    except Exception as exn:  # noqa: BLE001 - a damaged tar, or (remote) an object gone, denied, or unreachable
+        if not isinstance(exn, (tarfile.TarError, OSError, EOFError, ValueError)) and not is_url(path):
+            raise
         skipped("corrupt_shard")
-        log.warning("%s: unreadable shard (%s: %s); skipped the rest of it. Run shards.index.verify_split on %s "
-                    "and re-pack the split if shards are damaged", path, type(exn).__name__, exn, Path(path).parent)
+        log.warning("%s: unreadable shard (%s: %s); skipped the rest of it. Run shards.index.verify_split on its "
+                    "folder and re-pack the split if shards are damaged", redact(str(path)), type(exn).__name__,
+                    redact(str(exn)))
         return
-    if read < expected:
+    if read < expected:  # (incomplete samples were read: the index counts only complete ones, so this is damage)
         skipped("short_shard")
         log.warning("%s: %d samples but its index lists %d: the file ends early (cut between members). Run "
-                    "shards.index.verify_split on %s and re-pack the split", path, read, expected, Path(path).parent)
+                    "shards.index.verify_split on its folder and re-pack the split", redact(str(path)), read, expected)
+
+
+def check_members(path: str | Path, members: Members) -> None:
+    """Read the first sample of the shard at ``path`` and raise :class:`ShardMembersMissing` when it
+    lacks what ``members`` needs: a shard written by another tool and listed in a hand-written
+    index fails here, in one line, not as a KeyError deep in a DataLoader worker. A missing or
+    damaged shard is left to ``shard_samples``, which counts and skips it."""
+    try:
+        first = next(iter(wds.tariterators.group_by_keys(tar_members(path, str(path)))), None)
+    except Exception:  # noqa: BLE001 - damaged, missing, unreachable: shard_samples counts and skips it
+        return
+    if first is None:
+        return
+    problem = members.normalise(first)
+    if isinstance(problem, str):
+        raise ShardMembersMissing(
+            f"{path}: sample {first.get('__key__')}: {problem}. This shard was not packed by streamret (or its index "
+            f"is hand-written): index it with `python launch/pack.py data=webdataset data.webdataset.<train|val|test>=<shards> "
+            f"data.shards=<index dir>` (data.webdataset.caption_member / caption_keys say where captions are)")

@@ -4,6 +4,8 @@ video) and a tiny trained run shared by the end-to-end, registry and eval/search
 helpers are in support.py."""
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -121,6 +123,45 @@ def shard_copy(synthetic_shards, tmp_path) -> Path:
     dst = tmp_path / "shards"
     shutil.copytree(synthetic_shards, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A bucket on moto's S3 server on 127.0.0.1; the AWS_* environment points every client (and
+    every subprocess and Ray worker started after it) at it."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("streamret")
+    yield "s3://streamret"
+    server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
+    for key, value in saved.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="session")
+def s3_shards(s3, synthetic_corpus) -> str:
+    """The tiny corpus packed to s3://, as synthetic_shards packs it locally (same shard size)."""
+    from shards.manifest import ManifestCorpus
+    from shards.writer import pack_split
+
+    url = f"{s3}/syn"
+    for split in ("train", "test"):
+        corpus = ManifestCorpus(synthetic_corpus / f"{split}.jsonl", corpus="synthetic")
+        pack_split(corpus.samples(split), url, split, shard_bytes=60 * 1024, progress=False)
+    return url
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,8 @@ from __future__ import annotations
 import json
 import pickle
 import tarfile
-from fractions import Fraction
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 
 from shards.corpora import (
@@ -27,24 +24,14 @@ from shards.corpora import (
     open_corpus,
 )
 from shards.sample import Quarantined, VideoSample
+from tests.test_download_layouts import write_clip
 
 BAD_BYTES = b"caf\xe9 \xff"  # Latin-1 bytes: not UTF-8
 
 
 def write_h264(path: Path, frames: int = 8, size: int = 32) -> None:
     """A real, decodable 8-frame 32x32 H.264 mp4."""
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            rgb = np.full((size, size, 3), i * 30 % 256, dtype=np.uint8)
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, 8)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_clip(path, frames=frames, width=size, height=size)
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +68,8 @@ def reasons(quarantined: list[Quarantined]) -> list[tuple[str, str | None]]:
 @pytest.fixture
 def msrvtt_root(tmp_path: Path, clip_bytes: bytes) -> Path:
     root = tmp_path / "msrvtt"
-    for vid in ("video0", "video1", "video7", "video8"):
-        put(root / "videos" / f"{vid}.mp4", clip_bytes)
-    put(root / "video2.mp4", clip_bytes)  # directly under the root is accepted too
+    for vid in ("video0", "video1", "video2", "video7", "video8"):  # MSRVTT.zip's layout, beside the annotations
+        put(root / "MSRVTT" / "videos" / "all" / f"{vid}.mp4", clip_bytes)
     sentences = [
         {"video_id": "video0", "caption": "a man cooks", "sen_id": 0},
         {"video_id": "video1", "caption": "a dog runs", "sen_id": 1},
@@ -119,8 +105,8 @@ def test_msrvtt_train(msrvtt_root: Path) -> None:
         ("video1", ["a dog runs"]),
         ("video2", ["cars race"]),
     ]
-    assert samples[2].video_path == msrvtt_root / "video2.mp4"
-    assert samples[0].video_path == msrvtt_root / "videos" / "video0.mp4"
+    assert samples[2].video_path == msrvtt_root / "MSRVTT" / "videos" / "all" / "video2.mp4"
+    assert samples[0].video_path == msrvtt_root / "MSRVTT" / "videos" / "all" / "video0.mp4"
     assert all(s.start is None and s.end is None and s.split == "train" and s.corpus == "msrvtt" for s in samples)
     assert reasons(quarantined) == [
         ("malformed row", None),  # "video5,extra" in the 9k CSV
@@ -133,7 +119,8 @@ def test_msrvtt_train(msrvtt_root: Path) -> None:
     assert quarantined[0].source == str(msrvtt_root / "MSRVTT_train.9k.csv") and quarantined[0].detail["line"] == 7
     assert quarantined[1].source == str(msrvtt_root / "MSRVTT_data.json") and quarantined[1].detail["sentence_index"] == 3
     assert quarantined[2].detail["sentence_index"] == 4
-    assert quarantined[4].source == str(msrvtt_root / "videos" / "video3.mp4")
+    assert quarantined[4].source == str(msrvtt_root / "MSRVTT" / "videos" / "all" / "video3")
+    assert quarantined[4].detail["searched"] == str(msrvtt_root / "MSRVTT" / "videos" / "all")
 
 
 def test_msrvtt_test_1k(msrvtt_root: Path) -> None:
@@ -155,8 +142,14 @@ def test_msrvtt_test_1k(msrvtt_root: Path) -> None:
 def test_msrvtt_packs_end_to_end(msrvtt_root: Path, tmp_path: Path) -> None:
     writer = pytest.importorskip("shards.writer")
     out_dir = tmp_path / "packed"
-    report = writer.pack_split(MsrvttCorpus(msrvtt_root).samples("test"), out_dir, "test", progress=False)
-    assert (report.packed, report.quarantined) == (2, 5)
+    with pytest.raises(writer.PackRefused, match=r"5 of 7 rows quarantined \(71% > data.pack.max_quarantine=0.25\)"):
+        writer.pack_split(MsrvttCorpus(msrvtt_root).samples("test"), out_dir, "test", progress=False)
+    assert not (out_dir / "test.index.json").exists() and (out_dir / "test.refused.jsonl").is_file()
+    report = writer.pack_split(MsrvttCorpus(msrvtt_root).samples("test"), out_dir, "test", progress=False,
+                               max_quarantine=1.0)  # this fixture is a defect matrix: accept the loss
+    assert (report.rows, report.packed, report.quarantined) == (7, 2, 5)
+    assert "7 rows in = 2 packed + 5 quarantined" in str(report)
+    assert not (out_dir / "test.refused.jsonl").exists()
     metas = {}
     for tar_path in sorted(out_dir.glob("test-*.tar")):
         with tarfile.open(tar_path) as tar:
@@ -179,11 +172,11 @@ def test_msrvtt_packs_end_to_end(msrvtt_root: Path, tmp_path: Path) -> None:
 @pytest.fixture
 def activitynet_root(tmp_path: Path) -> Path:
     root = tmp_path / "anet"
-    put(root / "videos" / "v_aaa.mp4")
-    put(root / "v_bbb.mkv")
-    put(root / "videos" / "v_ccc.webm")
-    put(root / "videos" / "v_eee.mp4")
-    put(root / "videos" / "v_fff.mp4")
+    put(root / "Activity_Videos" / "v_aaa.mp4")
+    put(root / "Activity_Videos" / "v_bbb.mkv")
+    put(root / "Activity_Videos" / "v_ccc.webm")
+    put(root / "Activity_Videos" / "v_eee.mp4")
+    put(root / "Activity_Videos" / "v_fff.mp4")
     train = {
         "v_aaa": {"duration": 12.5, "timestamps": [[0, 5], [5, 12]], "sentences": [" A man walks in.", "He sits down. "]},
         "bbb": {"duration": 30, "timestamps": [[0, 30]], "sentences": ["A bare id."]},
@@ -204,7 +197,7 @@ def test_activitynet_train_paragraphs(activitynet_root: Path) -> None:
         ("v_aaa", ["A man walks in. He sits down."], 12.5, None, None),
         ("v_bbb", ["A bare id."], 30.0, None, None),
     ]
-    assert samples[1].video_path == activitynet_root / "v_bbb.mkv"
+    assert samples[1].video_path == activitynet_root / "Activity_Videos" / "v_bbb.mkv"
     assert samples[0].meta()["annotated_duration"] == 12.5
     assert reasons(quarantined) == [
         ("video missing", "v_ddd"),
@@ -213,7 +206,7 @@ def test_activitynet_train_paragraphs(activitynet_root: Path) -> None:
         ("malformed row", "v_ggg"),
     ]
     assert quarantined[2].detail == {"id": "v_fff", "sentence_index": 1, "caption": ascii("caf\udce9 \udcff")}
-    assert quarantined[0].source == str(activitynet_root / "videos" / "v_ddd.mp4")
+    assert quarantined[0].source == str(activitynet_root / "Activity_Videos" / "v_ddd")
 
 
 def test_activitynet_val_ids_filter(activitynet_root: Path) -> None:
@@ -229,9 +222,9 @@ def test_activitynet_val_ids_filter(activitynet_root: Path) -> None:
 @pytest.fixture
 def didemo_root(tmp_path: Path) -> Path:
     root = tmp_path / "didemo"
-    put(root / "videos" / "123@N00_456_abc.mov")
-    put(root / "videos" / "789@N01_012_def.mp4")  # annotated as .m4v, converted to .mp4 on disk
-    put(root / "videos" / "noext.avi")
+    put(root / "DiDeMo_Videos" / "123@N00_456_abc.mov")
+    put(root / "DiDeMo_Videos" / "789@N01_012_def.m4v.mp4")  # annotated as .m4v; the download script appends .mp4
+    put(root / "DiDeMo_Videos" / "noext.avi")
     rows = [
         {"video": "123@N00_456_abc.mov", "description": "a girl jumps", "times": [[0, 0]]},
         {"video": "789@N01_012_def.m4v", "description": "a car passes", "times": [[1, 2]]},
@@ -257,8 +250,8 @@ def test_didemo_train(didemo_root: Path) -> None:
         ("789_N01_012_def_m4v", "789@N01_012_def.m4v", ["a car passes"], 0.0, 30.0),
         ("noext", "noext", ["no extension in the name"], 0.0, 30.0),
     ]
-    assert samples[1].video_path == didemo_root / "videos" / "789@N01_012_def.mp4"
-    assert samples[2].video_path == didemo_root / "videos" / "noext.avi"
+    assert samples[1].video_path == didemo_root / "DiDeMo_Videos" / "789@N01_012_def.m4v.mp4"
+    assert samples[2].video_path == didemo_root / "DiDeMo_Videos" / "noext.avi"
     assert reasons(quarantined) == [
         ("empty caption", "123@N00_456_abc.mov"),
         ("caption not valid UTF-8", "789@N01_012_def.m4v"),
@@ -284,9 +277,9 @@ def test_didemo_list_filter_and_unparsable_json(didemo_root: Path) -> None:
 @pytest.fixture
 def msvd_root(tmp_path: Path) -> Path:
     root = tmp_path / "msvd"
-    put(root / "videos" / "-4wsuPCjDBc_5_15.avi")
-    put(root / "abc_1_2.mp4")
-    put(root / "videos" / "val.vid.avi")
+    put(root / "YouTubeClips" / "-4wsuPCjDBc_5_15.avi")
+    put(root / "YouTubeClips" / "abc_1_2.mp4")
+    put(root / "YouTubeClips" / "val.vid.avi")
     captions = {
         "-4wsuPCjDBc_5_15": [["a", "squirrel", "eats"], "a squirrel is eating", [], [b"caf\xe9"], ["ok", 3]],
         "abc_1_2": ["a man plays guitar"],
@@ -307,8 +300,8 @@ def test_msvd_one_sample_per_video_with_all_its_captions(msvd_root: Path) -> Non
         ("-4wsuPCjDBc_5_15", "-4wsuPCjDBc_5_15", ["a squirrel eats", "a squirrel is eating"]),
         ("abc_1_2", "abc_1_2", ["a man plays guitar"]),
     ]
-    assert samples[0].video_path == msvd_root / "videos" / "-4wsuPCjDBc_5_15.avi"
-    assert samples[1].video_path == msvd_root / "abc_1_2.mp4"
+    assert samples[0].video_path == msvd_root / "YouTubeClips" / "-4wsuPCjDBc_5_15.avi"
+    assert samples[1].video_path == msvd_root / "YouTubeClips" / "abc_1_2.mp4"
     assert reasons(quarantined) == [
         ("empty caption", "-4wsuPCjDBc_5_15"),
         ("caption not valid UTF-8", "-4wsuPCjDBc_5_15"),
@@ -344,8 +337,8 @@ CLIP_C = "1012_Unbreakable_00.02.00.000-00.02.03.000"
 @pytest.fixture
 def lsmdc_root(tmp_path: Path) -> Path:
     root = tmp_path / "lsmdc"
-    put(root / "0001_American_Beauty" / f"{CLIP_A}.avi")
-    put(root / "videos" / "0001_American_Beauty" / f"{CLIP_B}.mp4")
+    put(root / "avi" / "0001_American_Beauty" / f"{CLIP_A}.avi")
+    put(root / "avi" / "0001_American_Beauty" / f"{CLIP_B}.mp4")
     times = b"\t00.00.51.926\t00.00.54.129\t00.00.51.000\t00.00.54.000\t"
     put(
         root / "LSMDC16_annos_training.csv",
@@ -371,8 +364,8 @@ def test_lsmdc_train(lsmdc_root: Path) -> None:
         ),
         ("0001_American_Beauty_00_01_02_000-00_01_05_500", CLIP_B, ["She smiles\tat him."], None, None),
     ]
-    assert samples[0].video_path == lsmdc_root / "0001_American_Beauty" / f"{CLIP_A}.avi"
-    assert samples[1].video_path == lsmdc_root / "videos" / "0001_American_Beauty" / f"{CLIP_B}.mp4"
+    assert samples[0].video_path == lsmdc_root / "avi" / "0001_American_Beauty" / f"{CLIP_A}.avi"
+    assert samples[1].video_path == lsmdc_root / "avi" / "0001_American_Beauty" / f"{CLIP_B}.mp4"
     assert reasons(quarantined) == [
         ("empty caption", CLIP_B),
         ("caption not valid UTF-8", CLIP_B),
@@ -380,7 +373,7 @@ def test_lsmdc_train(lsmdc_root: Path) -> None:
         ("video missing", CLIP_C),
     ]
     assert [q.detail["line"] for q in quarantined] == [5, 6, 7, 4]
-    assert quarantined[3].source == str(lsmdc_root / "1012_Unbreakable" / f"{CLIP_C}.avi")
+    assert quarantined[3].source == str(lsmdc_root / "avi" / CLIP_C)
 
 
 def test_lsmdc_test_and_empty_val(lsmdc_root: Path) -> None:

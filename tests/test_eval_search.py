@@ -51,6 +51,41 @@ def test_eval_reports_every_variant_and_reproduces_training_eval(registered):
 
 
 @pytest.mark.slow
+def test_eval_counts_the_samples_it_could_not_decode(registered, tmp_path):
+    """A test clip decord cannot read was dropped silently: R@1 over 4 of 5 videos, counted nowhere."""
+    import io
+    import shutil
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shutil.copytree(registered.shards, shards)
+    shard = shards / "test-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        first_video = next(m.name for m, _ in members if m.name.endswith(".mp4"))
+        for member, data in members:
+            if member.name == first_video:  # the first sample's video: same size, garbage bytes
+                data = bytes(len(data))
+            tar.addfile(member, io.BytesIO(data))
+    out_json = tmp_path / "eval.json"
+    proc = launch("eval.py", ["--model", "models:/streamret@champion", f"data.shards={shards}",
+                              f"tracking.uri={registered.uri}", "run.progress=false", "run.device=cpu",
+                              "data.num_workers=0", "eval.rerank_topk=4", "eval.qb_bank=0", "--out", str(out_json),
+                              "--mlflow"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scored 11 of its 12 samples" in proc.stdout
+    payload = json.loads(out_json.read_text())
+    assert payload["test_data"] == {"in_split": 12, "scored": 11, "decode_error": 1} and payload["num_videos"] == 11
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=registered.uri)
+    run_id = proc.stdout.split("MLflow run ")[1].split()[0]
+    assert client.get_run(run_id).data.metrics["eval/data_test_decode_error"] == 1.0
+
+
+@pytest.mark.slow
 def test_search_prints_top_k_and_writes_contact_sheet(registered):
     rows = [json.loads(line) for line in (registered.corpus / "test.jsonl").read_text().splitlines()]
     png = registered.out / "sheet.png"
@@ -82,7 +117,30 @@ def test_missing_model_or_query_is_a_config_error():
     with pytest.raises(ConfigError) as err:
         search_cli.parse_args(["--model", "models:/streamret@champion"])
     assert "--query is required" in err.value.message
+    with pytest.raises(ConfigError) as err:  # once accepted, ranking at random
+        search_cli.parse_args(["--model", "models:/streamret@champion", "--query", "   "])
+    assert "--query is blank" in err.value.message
     args = eval_cli.parse_args(["model=models:/m@champion", "model=tiny", "eval.qb_bank=0"])
     assert args.model == "models:/m@champion" and args.overrides == ["model=tiny", "eval.qb_bank=0"]
     args = search_cli.parse_args(["model=/tmp/run", "shards=/s", "query=a red square", "--topk", "2"])
     assert args.query == "a red square" and "data.shards=/s" in args.overrides and args.topk == 2
+
+
+def test_the_alpha_chosen_on_val_travels_with_the_model(tmp_path):
+    """eval.py once re-ranked registered models with the configured eval.rerank_alpha, not the one
+    the run chose on its val split."""
+    from omegaconf import OmegaConf
+
+    from trainer.config import RootConfig
+    from trainer.serve.bundle import InferenceSettings
+
+    cfg = OmegaConf.structured(RootConfig)
+    cfg.data.val_split = "val"
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (tmp_path / "metrics.json").write_text(json.dumps({"rerank_alpha": 0.25}))
+    settings = InferenceSettings.from_run_config(tmp_path / "config.yaml")
+    assert settings.rerank_alpha == 0.25
+    assert InferenceSettings.read(settings.write(tmp_path / "streamret.json")).rerank_alpha == 0.25
+    cfg.data.val_split = ""  # no val split: nothing was chosen, the configured value stands
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    assert InferenceSettings.from_run_config(tmp_path / "config.yaml").rerank_alpha is None

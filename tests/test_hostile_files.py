@@ -76,3 +76,53 @@ def test_what_streamret_writes_loads_weights_only(trained_run):
                  *sorted((trained_run.run_dir / "checkpoints").rglob("rng_rank*.pt")),
                  *sorted((trained_run.run_dir / "features").glob("features-*.pt"))]:
         assert isinstance(safe_load(path), dict), path
+
+
+# --------------------------------------------------------------------------- annotations and tars
+
+
+def test_oversized_or_deeply_nested_annotation_json_is_refused(tmp_path) -> None:
+    """Once read whole into memory (1 GB) or a RecursionError traceback (deep nesting)."""
+    from shards.corpora import AnnotationError
+    from shards.corpora.common import load_json
+
+    huge = tmp_path / "train.json"
+    with open(huge, "wb") as f:
+        f.truncate(1 << 30)  # sparse: 1 GB on paper, nothing on disk
+    with pytest.raises(AnnotationError, match=r"train\.json: 1024 MB, over the 256 MB"):
+        load_json(huge)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(AnnotationError, match="nested deeper"):
+        load_json(deep)
+
+
+def test_manifest_paths_that_leave_their_folder_are_quarantined(tmp_path, clip_maker) -> None:
+    from shards.manifest import ManifestCorpus
+
+    clip_maker(tmp_path / "corpus" / "videos" / "a.mp4")
+    clip_maker(tmp_path / "secret.mp4")
+    rows = [{"video": "videos/a.mp4", "caption": "fine"}, {"video": "../secret.mp4", "caption": "escapes"}]
+    (tmp_path / "corpus" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n" +
+                                                     '{"video": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    records = list(ManifestCorpus(tmp_path / "corpus" / "train.jsonl").samples("train"))
+    assert [getattr(r, "reason", "sample") for r in records] == ["unsafe path", "malformed row", "sample"]
+
+
+def test_tar_members_with_traversal_names_are_skipped_at_read_time(tmp_path, clip_maker) -> None:
+    import io
+    import tarfile
+
+    from shards.tarread import shard_samples
+
+    clip = clip_maker(tmp_path / "a.mp4").read_bytes()
+    meta = json.dumps({"video_id": "a", "captions": ["c"]}).encode()
+    with tarfile.open(tmp_path / "evil.tar", "w") as tar:
+        for name, data in (("a.mp4", clip), ("a.json", meta), ("../../x.mp4", clip), ("../../x.json", meta),
+                           ("/etc/y.mp4", clip), ("/etc/y.json", meta)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    skipped = []
+    samples = list(shard_samples(tmp_path / "evil.tar", "evil.tar", 1, skipped.append))
+    assert [s["__key__"] for s in samples] == ["a"] and skipped == []

@@ -9,7 +9,36 @@ def test_default_config_runs_both_stages_on_the_synthetic_corpus():
     cfg = compose([])
     assert list(cfg.stage.run) == ["con", "gen"]
     assert cfg.data.corpus == "synthetic" and cfg.model.name == "tiny"
-    assert cfg.data.root.startswith("/") and cfg.run.dir.startswith("/")  # absolutised for Ray/DeepSpeed
+    assert cfg.data.root.startswith("/")  # absolutised for Ray/DeepSpeed
+    assert cfg.run.name == cfg.run.dir == ""  # named when the run starts (trainer.components.rundir.named)
+
+
+def test_relative_paths_resolve_against_the_callers_folder(tmp_path, monkeypatch):
+    """A relative data.root once resolved against the clone, not where the user ran the command."""
+    from trainer.components.rundir import named
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["data=msrvtt", "data.root=corpora/msrvtt", "stage.gen.init=runs/a"])
+    assert cfg.data.root == str(tmp_path / "corpora/msrvtt") and cfg.data.shards == str(tmp_path / "corpora/msrvtt/shards")
+    assert cfg.stage.gen.init == str(tmp_path / "runs/a")
+    run = named(cfg).run
+    assert run.name.startswith("msrvtt-tiny-2") and run.dir == str(tmp_path / "runs" / run.name)
+    assert named(compose(["run.name=exact"])).run.dir == str(tmp_path / "runs" / "exact")
+    (tmp_path / "runs" / "synthetic-tiny-20260101-000000").mkdir(parents=True)
+    (tmp_path / "runs" / "synthetic-tiny-20260101-000000" / "con.pt").write_bytes(b"")
+    assert named(compose(["stage=gen"])).run.name == "synthetic-tiny-20260101-000000"  # stage gen continues it
+    assert named(compose(["run.resume=auto"])).run.name != "synthetic-tiny-20260101-000000"  # no checkpoint there
+
+
+def test_training_from_shards_needs_no_data_root(tmp_path):
+    """data.root is only for packing: training from shards (data.shards=...) once demanded it."""
+    from omegaconf import OmegaConf
+
+    from trainer.components.rundir import named
+
+    cfg = compose(["data=msrvtt", f"data.shards={tmp_path}"])
+    assert cfg.data.shards == str(tmp_path) and cfg.data.root == ""
+    assert OmegaConf.to_object(named(cfg)).data.shards == str(tmp_path)  # what run.train reads
 
 
 def test_group_options_and_overrides_compose():

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omegaconf import MISSING
-
 from trainer.models.config import ModelConfig
 
 
@@ -40,13 +38,34 @@ class PackConfig:
     transcode_fastdecode: bool = True  # x264 tune=fastdecode: ~1.7x faster decord decode, ~14% larger
     verify: bool = False
     force: bool = False  # re-pack splits that already have shards
+    # A split that loses more than this share of its rows (videos missing, unreadable, ...) is
+    # refused, no index written: a quarter gone is a wrong path, not a few dead YouTube links.
+    max_quarantine: float = 0.25
+
+
+@dataclass
+class WebDatasetConfig:
+    """``data.corpus=webdataset``: existing WebDataset video shards (video2dataset's ``key.mp4`` +
+    ``key.txt`` + ``key.json``), indexed in place by ``launch/pack.py`` into ``data.shards``."""
+
+    # The shards of data.train_split / data.val_split / data.test_split: paths, brace patterns
+    # ('/d/{00000..00099}.tar', quoted inside the override: Hydra reserves braces), comma-separated lists
+    train: str = ""
+    val: str = ""
+    test: str = ""
+    caption_member: str = "txt"  # one caption per line; "" = captions from the json fields below
+    caption_keys: list[str] = field(default_factory=lambda: ["caption"])
+    id_key: str = ""  # json field holding the video id; "" = the tar key
 
 
 @dataclass
 class DataConfig:
-    corpus: str = "synthetic"  # synthetic | counting | manifest | msrvtt | activitynet | didemo | msvd | lsmdc
-    root: str = MISSING  # the corpus as it lies on disk
-    shards: str = "${data.root}/shards"  # packed WebDataset shards
+    corpus: str = "synthetic"  # synthetic | counting | manifest | webdataset | msrvtt | activitynet | didemo | msvd | lsmdc
+    root: str = ""  # the corpus as it lies on disk (to pack it; training needs only data.shards)
+    # Where the videos are: absolute, or relative to data.root; "" = the corpus' download layout
+    # (MSRVTT/videos/all, YouTubeClips, Activity_Videos, DiDeMo_Videos, avi; then videos/, the root).
+    video_dir: str = ""
+    shards: str = ""  # packed WebDataset shards (their index for data=webdataset); "" = <data.root>/shards
     train_split: str = "train"
     test_split: str = "test"
     # A split carved from train that settings (eval.rerank_alpha) are chosen on, never on the test
@@ -61,6 +80,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     pack: PackConfig = field(default_factory=PackConfig)
+    webdataset: WebDatasetConfig = field(default_factory=WebDatasetConfig)
 
 
 @dataclass
@@ -165,8 +185,11 @@ class LauncherConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "${data.corpus}-${model.name}"
-    dir: str = "runs/${run.name}"
+    # "" = <corpus>-<model>-<YYYYmmdd-HHMMSS> (with resume=auto: the newest such run that has a
+    # checkpoint); a run dir belongs to one run (trainer/components/rundir.py)
+    name: str = ""
+    dir: str = ""  # "" = runs/<run.name> under the working directory
+    overwrite: bool = False  # a fresh run may replace the artifacts of another run in run.dir
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True

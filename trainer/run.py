@@ -7,6 +7,7 @@ What differs per launcher comes in as arguments: where train batches come from
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,10 +20,11 @@ from shards.tokenize import CaptionTokenizer
 from trainer.components.checkpoint import ResumePoint, find_resume_point
 from trainer.components.context import RunContext, seed_everything, shape_key
 from trainer.components.data import TrainSourceFactory, ensure_shards, eval_loader, local_train_source, quarantine_counts
-from trainer.components.distributed import barrier, init_distributed
+from trainer.components.distributed import barrier, decided_once, init_distributed
 from trainer.components.export import load_export, load_into, write_export
 from trainer.components.features import FeatureBank, cached_encode_split, encode_split, limited
 from trainer.components.mlflow_store import flatten_params
+from trainer.components.rundir import RUN_FILE, claim, named
 from trainer.components.tracking import MetricsLogger
 from trainer.config import RootConfig
 from trainer.evaluation.outputs import log_evaluation, write_outputs
@@ -34,20 +36,28 @@ from trainer.stages.gen import train_gen
 
 
 def train(dcfg: DictConfig, *, train_source: TrainSourceFactory = local_train_source,
-          after_checkpoint: Callable[[Path, int], None] | None = None) -> Evaluation:
+          after_checkpoint: Callable[[Path, int], None] | None = None, dir_claimed: bool = False) -> Evaluation:
+    """One run end to end. ``dir_claimed``: the launcher already claimed ``run.dir`` for this run
+    (``trainer.components.rundir.claim``: the Ray driver, before Ray Train writes into it)."""
+    dist = init_distributed(dcfg.deepspeed.backend, dcfg.run.device)
+    dcfg = named(dcfg, decided_once)
     cfg: RootConfig = OmegaConf.to_object(dcfg)
-    dist = init_distributed(cfg.deepspeed.backend, cfg.run.device)
     seed_everything(cfg.run.seed + dist.rank)
     started, run_dir = time.time(), Path(cfg.run.dir)
+    continues = "con" not in cfg.stage.run and not cfg.stage.gen.init  # stage gen from this dir's con.pt
     if dist.is_main:
         ensure_shards(cfg.data, progress=cfg.run.progress)  # checked before anything is written
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_gen_init(cfg, run_dir)
+        if not dir_claimed:
+            claim(run_dir, resume=cfg.run.resume, continues=continues, overwrite=cfg.run.overwrite)
     barrier()
-    resume = find_resume_point(cfg.run.resume, run_dir, shape_key(cfg))
+    run_uid = json.loads((run_dir / RUN_FILE).read_text())["run_uid"]
+    resume = find_resume_point(cfg.run.resume, run_dir, shape_key(cfg), run_uid)
     tracker = MetricsLogger(cfg.tracking.uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.run.name,
                             run_id=resume.marker.get("mlflow_run_id") if resume else None, rank=dist.rank,
                             flush_every_s=cfg.tracking.flush_every_s, system_metrics=cfg.tracking.system_metrics)
-    ctx = RunContext(cfg, dist, run_dir, tracker, shapes=shape_key(cfg), after_checkpoint=after_checkpoint)
+    ctx = RunContext(cfg, dist, run_dir, tracker, shapes=shape_key(cfg), after_checkpoint=after_checkpoint,
+                     run_uid=run_uid)
     with tracker:
         tracker.log_params(flatten_params(OmegaConf.to_container(dcfg, resolve=True)))
         ctx.log("data", quarantine_counts(cfg.data), step=0)
@@ -135,13 +145,30 @@ def encode(ctx: RunContext, encoder, split: str, desc: str, max_captions: int = 
     when > 0), on this rank's device: the one way run.py encodes a split."""
     cfg = ctx.cfg
     loader = eval_loader(cfg.data, cfg.model, split)
-    return encode_split(encoder, limited(loader, max_captions) if max_captions else loader,
+    bank = encode_split(encoder, limited(loader, max_captions) if max_captions else loader,
                         CaptionTokenizer(cfg.data.max_words), ctx.dist.device, torch.float32, desc, cfg.run.progress)
+    if not max_captions:  # what the split lost at read time: every sample the index lists is scored or counted
+        ctx.note_eval_data(split, loader.stream.total_samples, bank.num_videos, loader.counters)
+    return bank
 
 
 def file_identity(path: Path) -> dict:
     stat = path.stat()
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def check_gen_init(cfg: RootConfig, run_dir: Path) -> None:
+    """Stage gen without stage con needs weights to start from: fail before a run dir or an MLflow
+    run exists when they are not there."""
+    init = cfg.stage.gen.init
+    if "con" in cfg.stage.run or init.startswith(("models:/", "runs:/")):
+        return
+    path = Path(init) if init else run_dir / "con.pt"
+    path = path / "con.pt" if path.is_dir() else path
+    if not path.is_file():
+        given = f"stage.gen.init={init}" if init else "stage.gen.init is empty, so this run dir's own con.pt"
+        raise FileNotFoundError(f"stage gen starts from stage-con weights, but {given} -> {path} does not exist; "
+                                f"pass stage.gen.init=<run dir or con.pt of a stage-con run> or models:/<name>@champion")
 
 
 def stage_gen_init(cfg: RootConfig, run_dir: Path, is_main: bool) -> Path:

@@ -150,7 +150,7 @@ def bench_opencv(raws: list[dict], args) -> dict:
         paths = []
         for raw in raws:  # the reference reads video files from disk
             paths.append(Path(tmp) / f"{raw['__key__']}.mp4")
-            paths[-1].write_bytes(raw["mp4"])
+            paths[-1].write_bytes(raw["video"])
         params = [cv2.CAP_PROP_N_THREADS, 1] if hasattr(cv2, "CAP_PROP_N_THREADS") else []
         t0, cpu0 = time.perf_counter(), _cpu_s()
         decoded = 0
@@ -187,7 +187,7 @@ def _decord_loop(clips: list[dict], args, start, results) -> None:
     start.wait()
     t0, cpu0 = time.perf_counter(), _cpu_s()
     for raw in clips:
-        reader = decord.VideoReader(io.BytesIO(raw["mp4"]), ctx=decord.cpu(0), num_threads=1)
+        reader = decord.VideoReader(io.BytesIO(raw["video"]), ctx=decord.cpu(0), num_threads=1)
         idx = np.clip(_indices_fn(args, json.loads(raw["json"]))(len(reader), reader.get_avg_fps()), 0,
                       len(reader) - 1)
         reader.get_batch(idx.tolist()).asnumpy()
@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> dict:
             b, c = bench_decord(raws, args), bench_pipeline(shard_dir, args)
             results[name] = {
                 "pack_s": pack_s, "transcode": spec.to_json() if spec else None,
-                "mp4_mb": sum(len(r["mp4"]) for r in raws) / 2**20,
+                "mp4_mb": sum(len(r["video"]) for r in raws) / 2**20,
                 "opencv_every_frame": a, "decord_get_batch": b, "pipeline": c,
                 "pipeline_vs_decord_per_core": c["per_core"] / b["per_core"],
                 "pipeline_vs_decord_per_cpu_s": c["per_cpu_s"] / b["per_cpu_s"],

@@ -68,6 +68,7 @@ def _one(args, corpus: str, seed: int, precision: str, threads: int) -> dict:
     uri = f"sqlite:///{run_dir}.db"
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), *_corpus_overrides(args, corpus),
            f"run.seed={seed}", f"deepspeed.precision={precision}", f"run.name={name}", f"run.dir={run_dir}",
+           "run.overwrite=true",  # a rerun of the bench replaces its own earlier run
            f"tracking.uri={uri}", "tracking.register=false", "run.progress=false", "run.stop_on_collapse=false",
            *args.override]
     started = time.time()

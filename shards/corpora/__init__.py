@@ -17,12 +17,13 @@ CORPORA: dict[str, type[CorpusReader]] = {
 }
 
 
-def open_corpus(name: str, root: Path) -> CorpusReader:
-    """The reader for corpus ``name`` (case-insensitive) over the annotations under ``root``."""
+def open_corpus(name: str, root: Path, video_dir: str = "") -> CorpusReader:
+    """The reader for corpus ``name`` (case-insensitive) over the annotations under ``root``, its
+    videos under ``video_dir`` (absolute or relative to ``root``; "" = the download layout's)."""
     reader = CORPORA.get(name.lower())
     if reader is None:
         raise ValueError(f"unknown corpus {name!r}; known corpora: {', '.join(sorted(CORPORA))}")
-    return reader(Path(root))
+    return reader(Path(root), video_dir)
 
 
 __all__ = [

@@ -14,10 +14,8 @@ from shards.corpora.common import (
     Record,
     check_caption,
     check_id,
-    find_video,
     load_json,
     require_files,
-    video_missing,
 )
 from shards.sample import Quarantined, VideoSample
 
@@ -26,7 +24,7 @@ ID_FILTERS = {"train": "train_ids.json", "val_1": "val_ids.json"}
 
 LAYOUT = """  train.json, val_1.json        {"<id>": {"duration": s, "timestamps": [[a, b], ...], "sentences": [...]}}
   train_ids.json, val_ids.json  optional: a list of the ids to keep
-  videos/v_<id>.mp4|.mkv|.webm  (or directly under the root)"""
+  Activity_Videos/v_<id>.mp4|.mkv|.webm  (or data.video_dir, searched recursively)"""
 
 
 @dataclass
@@ -50,6 +48,7 @@ class ActivityNetCorpus(CorpusReader):
 
     corpus = "activitynet"
     splits = ("train", "val_1")
+    video_dirs = ("Activity_Videos", "videos", ".")
 
     def _check_layout(self) -> None:
         require_files(self.root, self.corpus, ANNOTATIONS.values(), LAYOUT)
@@ -125,9 +124,9 @@ class ActivityNetCorpus(CorpusReader):
         if not sentences:
             return Quarantined(str(ann_path), EMPTY_CAPTION, video_id, where)
         bare = video_id[2:]
-        path, tried = find_video((self.root / "videos", self.root), (video_id, bare), (".mp4", ".mkv", ".webm"))
-        if path is None:
-            return video_missing(tried, video_id, ann_path, where)
+        path = self._locate((video_id, bare), video_id, ann_path, where)
+        if isinstance(path, Quarantined):
+            return path
         return DurationVideoSample(
             video_id, path, [" ".join(sentences)], split, self.corpus,
             duration=None if duration is None else float(duration),

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from shards.corpora.videos import VideoIndex, resolve_video_dir
 from shards.sample import Quarantined, VideoSample
 
 Record = VideoSample | Quarantined
@@ -25,16 +26,20 @@ NOT_UTF8 = "caption not valid UTF-8"
 MALFORMED_ROW = "malformed row"
 NO_CAPTIONS = "no captions"
 DUPLICATE_KEY = "duplicate key"
-
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".wmv", ".flv")
+AMBIGUOUS_VIDEO = "ambiguous video"
 
 
 class AnnotationError(ValueError):
     """An annotation file is unusable as a whole (unparsable, wrong top-level shape)."""
 
 
+class UnknownSplit(ValueError):
+    """A split the corpus does not have."""
+
+
 def read_text(path: Path) -> str:
     """The file's text; undecodable bytes survive as lone surrogates (see module doc)."""
+    check_size(path)
     return Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
 
 
@@ -47,14 +52,30 @@ def is_valid_utf8(text: str) -> bool:
     return True
 
 
+# The largest annotation file read whole: the biggest real one (MSRVTT_data.json) is ~20 MB, so a
+# file 10x larger than any corpus ships is refused before it is read into memory.
+MAX_ANNOTATION_BYTES = 256 * 2**20
+
+
+def check_size(path: Path, limit: int = MAX_ANNOTATION_BYTES) -> None:
+    size = Path(path).stat().st_size
+    if size > limit:
+        raise AnnotationError(f"{path}: {size / 2**20:.0f} MB, over the {limit / 2**20:.0f} MB an annotation file may "
+                              f"be (real ones are < 30 MB); is this the right file?")
+
+
 def load_json(path: Path) -> Any:
-    """Parse a JSON annotation file; an unparsable file raises :class:`AnnotationError` naming it."""
+    """Parse a JSON annotation file; an unparsable, oversized or absurdly nested file raises
+    :class:`AnnotationError` naming it."""
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise AnnotationError(
             f"{path}: not valid JSON ({err}); re-download or re-export this annotation file"
         ) from err
+    except RecursionError:
+        raise AnnotationError(f"{path}: JSON nested deeper than any annotation file is (the parser's recursion "
+                              f"limit); re-download or re-export this annotation file") from None
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -106,25 +127,13 @@ def require_files(root: Path, corpus: str, names: Iterable[str], layout: str) ->
             )
 
 
-def find_video(dirs: Sequence[Path], stems: Sequence[str], extensions: Sequence[str]) -> tuple[Path | None, list[Path]]:
-    """The first existing ``dir/stem+ext`` (dirs outermost), and every path that was tried."""
-    tried: list[Path] = []
-    for directory in dirs:
-        for stem in stems:
-            for ext in extensions:
-                candidate = directory / f"{stem}{ext}"
-                tried.append(candidate)
-                if candidate.is_file():
-                    return candidate, tried
-    return None, tried
-
-
-def video_missing(tried: list[Path], video_id: str, annotation: Path, where: dict) -> Quarantined:
+def video_missing(folder: Path, names: Sequence[str], video_id: str, annotation: Path, where: dict) -> Quarantined:
     return Quarantined(
-        source=str(tried[0]),
+        source=str(Path(folder) / names[0]),
         reason=VIDEO_MISSING,
         video_id=video_id,
-        detail={"annotation": str(annotation), **where, "tried": [str(p) for p in tried]},
+        detail={"annotation": str(annotation), **where, "searched": str(folder), "names": list(names),
+                "fix": "put the video under the searched folder or set data.video_dir"},
     )
 
 
@@ -177,15 +186,33 @@ def unique_keys(records: Iterable[Record], corpus: str, split: str) -> Iterator[
 
 class CorpusReader:
     """Base of the readers: ``samples(split)`` checks the split eagerly, then streams records
-    with unique keys. Subclasses set ``corpus``/``splits`` and implement ``_check_layout`` and
-    ``_samples``."""
+    with unique keys. Subclasses set ``corpus``/``splits``/``video_dirs`` (the download layout's
+    video folders, relative to the root, first existing one wins) and implement ``_check_layout``
+    and ``_samples``, finding videos with ``_locate``."""
 
     corpus: ClassVar[str]
     splits: ClassVar[tuple[str, ...]]
+    video_dirs: ClassVar[tuple[str, ...]]
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, video_dir: str = "") -> None:
         self.root = Path(root)
         self._check_layout()
+        self.video_folder = resolve_video_dir(self.root, video_dir, self.video_dirs, self.corpus)
+        self._videos: VideoIndex | None = None
+
+    def _locate(self, names: Sequence[str], video_id: str, annotation: Path, where: dict) -> Path | Quarantined:
+        """The one file answering to the first of ``names`` that has any; quarantined when there
+        is none, or more than one (both paths named: which is the right one is the user's call)."""
+        if self._videos is None:
+            self._videos = VideoIndex(self.video_folder)  # walked once, on first use, for all splits
+        paths = self._videos.find(names)
+        if not paths:
+            return video_missing(self.video_folder, names, video_id, annotation, where)
+        if len(paths) > 1:
+            return Quarantined(str(paths[0]), AMBIGUOUS_VIDEO, video_id,
+                               {"annotation": str(annotation), **where, "paths": [str(p) for p in paths],
+                                "fix": "keep one file per id, or set data.video_dir to the folder of the right ones"})
+        return paths[0]
 
     def _check_layout(self) -> None:
         raise NotImplementedError
@@ -196,7 +223,8 @@ class CorpusReader:
     def samples(self, split: str) -> Iterator[Record]:
         """Every record of ``split``: a VideoSample per good item, a Quarantined per dropped one."""
         if split not in self.splits:
-            raise ValueError(f"{self.corpus}: unknown split {split!r}; this corpus has splits {list(self.splits)}")
+            raise UnknownSplit(f"{self.corpus}: unknown split {split!r}; this corpus has splits {list(self.splits)} "
+                               f"(pass --splits {','.join(self.splits)} or a subset)")
         return unique_keys(self._samples(split), self.corpus, split)
 
     def __repr__(self) -> str:

@@ -3,22 +3,18 @@ over the first 30 s (DiDeMo annotated only the first 30 s of longer videos)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 from shards.corpora.common import (
     MALFORMED_ROW,
     NO_CAPTIONS,
-    VIDEO_EXTENSIONS,
     AnnotationError,
     CorpusReader,
     Record,
     check_caption,
     check_id,
-    find_video,
     load_json,
     read_lines,
     require_files,
-    video_missing,
 )
 from shards.sample import Quarantined, VideoSample
 
@@ -26,7 +22,8 @@ CLIP_START, CLIP_END = 0.0, 30.0
 
 LAYOUT = """  train_data.json, val_data.json, test_data.json  [{"video": "<name>", "description": ..., "times": [[a, b], ...]}, ...]
   train_list.txt, val_list.txt, test_list.txt     optional: one video name per line (keeps only those)
-  videos/<name>  (as named, or with .mp4/.mov/.avi/... in place of or after its extension)"""
+  DiDeMo_Videos/<name>  (as named, or with .mp4/.mov/... in place of or after its extension, e.g. x.mov.mp4;
+      or data.video_dir, searched recursively)"""
 
 
 class DidemoCorpus(CorpusReader):
@@ -34,15 +31,10 @@ class DidemoCorpus(CorpusReader):
 
     corpus = "didemo"
     splits = ("train", "val", "test")
+    video_dirs = ("DiDeMo_Videos", "videos", ".")
 
     def _check_layout(self) -> None:
         require_files(self.root, self.corpus, [f"{split}_data.json" for split in self.splits], LAYOUT)
-
-    def _find(self, name: str) -> tuple[Path | None, list[Path]]:
-        stems = [name]
-        if Path(name).suffix.lower() in VIDEO_EXTENSIONS:  # e.g. "x.mov" annotated, "x.mp4" on disk
-            stems.append(name[: -len(Path(name).suffix)])
-        return find_video((self.root / "videos", self.root), stems, ("",) + VIDEO_EXTENSIONS)
 
     def _listed(self, split: str) -> Iterator[tuple[str, int] | Quarantined]:
         list_path = self.root / f"{split}_list.txt"
@@ -90,9 +82,9 @@ class DidemoCorpus(CorpusReader):
             order = list(descriptions)
 
         for name in dict.fromkeys(order):
-            path, tried = self._find(name)
-            if path is None:
-                yield video_missing(tried, name, data_path, {"row": first_row[name]})
+            path = self._locate((name,), name, data_path, {"row": first_row[name]})
+            if isinstance(path, Quarantined):
+                yield path
                 continue
             yield VideoSample(
                 name, path, [" ".join(descriptions[name])], split, self.corpus, start=CLIP_START, end=CLIP_END

@@ -3,7 +3,6 @@ window is the whole file."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 from shards.corpora.common import (
     MALFORMED_ROW,
@@ -11,10 +10,8 @@ from shards.corpora.common import (
     Record,
     check_caption,
     check_id,
-    find_video,
     read_lines,
     require_files,
-    video_missing,
 )
 from shards.sample import Quarantined, VideoSample
 
@@ -27,7 +24,7 @@ COLUMNS = ("clip_id", "start", "end", "start_aligned", "end_aligned", "sentence"
 
 LAYOUT = f"""  {ANNOTATIONS['train']}, {ANNOTATIONS['val']}, {ANNOTATIONS['test']}
       tab-separated, no header: {' '.join(COLUMNS)}
-  <movie>/<clip_id>.avi|.mp4  (or under videos/), movie = clip_id without its last "_..." part,
+  avi/<movie>/<clip_id>.avi  (or data.video_dir, searched recursively), movie = clip_id without its last "_..." part,
       e.g. 0001_American_Beauty/0001_American_Beauty_00.00.51.926-00.00.54.129.avi"""
 
 
@@ -41,14 +38,10 @@ class LsmdcCorpus(CorpusReader):
 
     corpus = "lsmdc"
     splits = ("train", "val", "test")
+    video_dirs = ("avi", "videos", ".")
 
     def _check_layout(self) -> None:
         require_files(self.root, self.corpus, ANNOTATIONS.values(), LAYOUT)
-
-    def _find(self, clip_id: str) -> tuple[Path | None, list[Path]]:
-        movie = movie_of(clip_id)
-        dirs = (self.root / movie, self.root / "videos" / movie, self.root / "videos", self.root)
-        return find_video(dirs, (clip_id,), (".avi", ".mp4"))
 
     def _samples(self, split: str) -> Iterator[Record]:
         ann_path = self.root / ANNOTATIONS[split]
@@ -79,8 +72,8 @@ class LsmdcCorpus(CorpusReader):
             captions.setdefault(clip_id, []).append(caption)
 
         for clip_id, clip_captions in captions.items():
-            path, tried = self._find(clip_id)
-            if path is None:
-                yield video_missing(tried, clip_id, ann_path, {"line": first_line[clip_id]})
+            path = self._locate((clip_id,), clip_id, ann_path, {"line": first_line[clip_id]})
+            if isinstance(path, Quarantined):
+                yield path
                 continue
             yield VideoSample(clip_id, path, clip_captions, split, self.corpus)

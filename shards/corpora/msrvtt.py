@@ -13,11 +13,9 @@ from shards.corpora.common import (
     Record,
     check_caption,
     check_id,
-    find_video,
     load_json,
     read_csv_rows,
     require_files,
-    video_missing,
 )
 from shards.sample import Quarantined, VideoSample
 
@@ -28,7 +26,7 @@ TEST_CSV = "MSRVTT_JSFUSION_test.csv"
 LAYOUT = f"""  {DATA_JSON}      {{"videos": [{{"video_id": ...}}], "sentences": [{{"video_id": ..., "caption": ...}}]}}
   {TRAIN_CSV}    column video_id
   {TEST_CSV}  columns key,vid_key,video_id,sentence
-  videos/<video_id>.mp4  (or <root>/<video_id>.mp4)"""
+  MSRVTT/videos/all/<video_id>.mp4  (MSRVTT.zip unpacked beside them; or data.video_dir, searched recursively)"""
 
 
 class MsrvttCorpus(CorpusReader):
@@ -36,12 +34,10 @@ class MsrvttCorpus(CorpusReader):
 
     corpus = "msrvtt"
     splits = ("train", "test")
+    video_dirs = ("MSRVTT/videos/all", "videos/all", "videos", ".")
 
     def _check_layout(self) -> None:
         require_files(self.root, self.corpus, (DATA_JSON, TRAIN_CSV, TEST_CSV), LAYOUT)
-
-    def _find(self, video_id: str) -> tuple[Path | None, list[Path]]:
-        return find_video((self.root / "videos", self.root), (video_id,), (".mp4",))
 
     def _samples(self, split: str) -> Iterator[Record]:
         return self._train() if split == "train" else self._test()
@@ -90,9 +86,9 @@ class MsrvttCorpus(CorpusReader):
             if not captions[video_id]:
                 yield Quarantined(str(data_path), NO_CAPTIONS, video_id, {"listed_in": str(ids_path), **where})
                 continue
-            path, tried = self._find(video_id)
-            if path is None:
-                yield video_missing(tried, video_id, ids_path, where)
+            path = self._locate((video_id,), video_id, ids_path, where)
+            if isinstance(path, Quarantined):
+                yield path
                 continue
             yield VideoSample(video_id, path, captions[video_id], "train", self.corpus)
 
@@ -121,8 +117,8 @@ class MsrvttCorpus(CorpusReader):
             if isinstance(caption, Quarantined):
                 yield caption
                 continue
-            path, tried = self._find(video_id)
-            if path is None:
-                yield video_missing(tried, video_id, test_path, where)
+            path = self._locate((video_id,), video_id, test_path, where)
+            if isinstance(path, Quarantined):
+                yield path
                 continue
             yield VideoSample(video_id, path, [caption], "test", self.corpus)

@@ -17,11 +17,10 @@ from shards.corpora.common import (
     CorpusReader,
     Record,
     check_caption,
+    check_size,
     check_id,
-    find_video,
     read_lines,
     require_files,
-    video_missing,
 )
 from shards.sample import Quarantined, VideoSample, sanitize_key
 
@@ -29,7 +28,7 @@ CAPTIONS_PKL = "raw-captions.pkl"
 
 LAYOUT = f"""  train_list.txt, val_list.txt, test_list.txt  one video id per line
   {CAPTIONS_PKL}  {{video_id: [caption, ...]}}, each caption a string or a list of tokens
-  videos/<video_id>.avi|.mp4  (or directly under the root)"""
+  YouTubeClips/<video_id>.avi  (YouTubeClips.tar unpacked; or data.video_dir, searched recursively)"""
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -42,6 +41,7 @@ class _PlainDataUnpickler(pickle.Unpickler):
 
 def load_captions(path: Path) -> dict[str, list]:
     """The ``{video_id: captions}`` dict of raw-captions.pkl (Python 3 or Python 2 pickles)."""
+    check_size(path)
     raw = Path(path).read_bytes()
     try:
         try:
@@ -73,6 +73,7 @@ class MsvdCorpus(CorpusReader):
 
     corpus = "msvd"
     splits = ("train", "val", "test")
+    video_dirs = ("YouTubeClips", "videos", ".")
 
     def _check_layout(self) -> None:
         require_files(self.root, self.corpus, [f"{split}_list.txt" for split in self.splits] + [CAPTIONS_PKL], LAYOUT)
@@ -91,9 +92,9 @@ class MsvdCorpus(CorpusReader):
                 problem = "absent" if raw_captions is None else f"not a non-empty list: {type(raw_captions).__name__}"
                 yield Quarantined(str(pkl_path), NO_CAPTIONS, video_id, {"listed_in": str(list_path), "line": line, "problem": problem})
                 continue
-            path, tried = find_video((self.root / "videos", self.root), (video_id,), (".avi", ".mp4"))
-            if path is None:
-                yield video_missing(tried, video_id, list_path, {"line": line})
+            path = self._locate((video_id,), video_id, list_path, {"line": line})
+            if isinstance(path, Quarantined):
+                yield path
                 continue
             good = []
             for index, raw in enumerate(raw_captions):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from trainer.components.export import safe_load
+from trainer.components.rundir import check_same_run
 
 MARKER = "COMPLETE"
 
@@ -81,9 +82,10 @@ def complete_tags(stage_dir: Path) -> list[Path]:
     return sorted(tags, key=lambda p: p.name)
 
 
-def find_resume_point(resume: str, run_dir: Path, shape_key: dict) -> ResumePoint | None:
+def find_resume_point(resume: str, run_dir: Path, shape_key: dict, run_uid: str = "") -> ResumePoint | None:
     """``none`` -> None; ``auto`` -> the newest complete checkpoint of the run dir (gen after con);
-    a path -> that tag dir. Refuses a checkpoint whose model/data shapes differ from this config."""
+    a path -> that tag dir. Refuses a checkpoint whose model/data shapes differ from this config,
+    and (with ``auto``) one another run wrote."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -91,6 +93,7 @@ def find_resume_point(resume: str, run_dir: Path, shape_key: dict) -> ResumePoin
             tags = complete_tags(run_dir / "checkpoints" / stage)
             if tags:
                 point = ResumePoint(stage, tags[-1], json.loads((tags[-1] / MARKER).read_text()))
+                check_same_run(point.marker, run_uid, tags[-1])
                 break
         else:
             return None  # nothing to resume: a fresh run
@@ -136,14 +139,14 @@ class CheckpointManager:
     tags and the best by recorded metric (lower is better)."""
 
     def __init__(self, run_dir: Path, stage: str, keep_last: int, shapes: dict, *, every: int = 0,
-                 best_by: str = "loss", run_id: Callable[[], str | None] = lambda: None,
+                 best_by: str = "loss", run_id: Callable[[], str | None] = lambda: None, run_uid: str = "",
                  before_save: Callable[[], None] | None = None,
                  after_save: Callable[[Path, int], None] | None = None):
         if best_by not in ("loss", "eval"):
             raise ValueError(f"best_by must be 'loss' or 'eval', got {best_by!r}")
         self.dir = run_dir / "checkpoints" / stage
         self.stage, self.keep_last, self.shapes = stage, max(1, keep_last), shapes
-        self.every, self.best_by, self.run_id = every, best_by, run_id
+        self.every, self.best_by, self.run_id, self.run_uid = every, best_by, run_id, run_uid
         self.tracked: dict[str, Stateful] = {}
         # Called first on every save: the metrics logger flushes, so a run killed right after a
         # checkpoint has every step up to it in MLflow and the resumed run continues the history.
@@ -186,7 +189,7 @@ class CheckpointManager:
             torch.distributed.barrier()  # every rank's files are on disk before the marker
         if engine.global_rank == 0:
             marker = {"stage": self.stage, "step": step, "finished": finished, "shapes": self.shapes,
-                      "mlflow_run_id": client_state["mlflow_run_id"],
+                      "mlflow_run_id": client_state["mlflow_run_id"], "run_uid": self.run_uid,
                       "metric": None if metric is None else float(metric)}
             _atomic_write(tag_dir / MARKER, json.dumps(marker, indent=2))
             _atomic_write(self.dir / "latest", tag)

@@ -31,14 +31,27 @@ class RunContext:
     shapes: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed
     after_checkpoint: Callable[[Path, int], None] | None = None  # the launcher's hook (Ray Train reports)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
+    run_uid: str = ""  # the run's identity (trainer.components.rundir), in every checkpoint marker
+    # split -> {"in_split", "scored", <skip kind>: n}: what each evaluated split was scored on
+    eval_data: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def checkpoints(self, stage: str, best_by: str = "loss") -> CheckpointManager:
         """The stage's checkpoint manager: the run's cadence and retention, the metrics logger
         flushed before each save and the run id recorded in it, the launcher told after it."""
         run = self.cfg.run
         return CheckpointManager(self.run_dir, stage, run.keep_last, self.shapes, every=run.checkpoint_every,
-                                 best_by=best_by, run_id=lambda: self.tracker.run_id,
+                                 best_by=best_by, run_id=lambda: self.tracker.run_id, run_uid=self.run_uid,
                                  before_save=self.tracker.flush, after_save=self.after_checkpoint)
+
+    def note_eval_data(self, split: str, in_split: int, scored: int, skipped: dict[str, int]) -> None:
+        """Record and log (``eval/data_<split>_*``) on how many of ``split``'s samples it was scored,
+        and why the others were dropped (decode errors, damaged shards)."""
+        counts = {"in_split": in_split, "scored": scored, **{k: v for k, v in skipped.items() if v}}
+        self.eval_data[split] = counts
+        self.tracker.log_metrics({f"eval/data_{split}_{k}": float(v) for k, v in counts.items()}, step=0)
+        if scored < in_split:
+            print(f"warning: {split}: scored {scored} of its {in_split} samples "
+                  f"({', '.join(f'{k} {v}' for k, v in skipped.items() if v) or 'unreadable'}); see the log above")
 
     def log(self, stage: str, metrics: dict[str, float], step: int) -> None:
         named = {f"{stage}/{k}": float(v) for k, v in metrics.items()}

@@ -11,11 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
+from shards import storage
+from shards.corpora.common import UnknownSplit
+from shards.external import expand_shards, index_webdataset
 from shards.index import ShardsNotFound, VerifyReport, index_path, read_index, verify_split
 from shards.manifest import ManifestCorpus
 from shards.probe import Transcode
 from shards.counting import generate_counting_corpus
 from shards.synthetic import generate_synthetic_corpus
+from shards.tarread import Members
 from shards.writer import PackReport, pack_split
 from trainer.components.distributed import DistInfo
 from trainer.config import DataConfig, ModelConfig
@@ -39,12 +43,12 @@ def corpus_records(data: DataConfig, split: str):
     if data.corpus == "manifest":
         for suffix in (".jsonl", ".csv"):
             if (root / f"{split}{suffix}").is_file():
-                return ManifestCorpus(root / f"{split}{suffix}").samples(split)
+                return ManifestCorpus(root / f"{split}{suffix}", video_dir=data.video_dir).samples(split)
         raise FileNotFoundError(f"data=manifest: no {root}/{split}.jsonl or {split}.csv; write one manifest per split "
                                 "(rows: video, caption(s), optional start/end) or set data.root")
     from shards.corpora import open_corpus
 
-    return open_corpus(data.corpus, root).samples(split)
+    return open_corpus(data.corpus, root, data.video_dir).samples(split)
 
 
 def transcode_spec(data: DataConfig) -> Transcode | None:
@@ -64,17 +68,49 @@ class SplitPack:
     verified: VerifyReport | None  # with data.pack.verify: every shard re-read against the index
 
 
+def webdataset_urls(data: DataConfig) -> dict[str, str]:
+    """data=webdataset: split name -> its shard pattern."""
+    w = data.webdataset
+    pairs = ((data.train_split, w.train), (data.val_split, w.val), (data.test_split, w.test))
+    return {split: pattern for split, pattern in pairs if split and pattern}
+
+
+def _webdataset_members(data: DataConfig) -> Members:
+    w = data.webdataset
+    return Members(caption_member=w.caption_member, caption_keys=tuple(w.caption_keys), id_key=w.id_key)
+
+
 def pack_corpus(data: DataConfig, splits: list[str], *, progress: bool, force: bool = False) -> list[SplitPack]:
     """Pack each split that has no shards yet (all of them with ``force`` or ``data.pack.force``),
-    through Ray tasks when ``data.pack.ray_address`` is set; verify each with ``data.pack.verify``."""
-    shard_dir, outcomes = Path(data.shards), []
+    through Ray tasks when ``data.pack.ray_address`` is set; verify each with ``data.pack.verify``.
+    ``data.corpus=webdataset`` indexes existing shards in place instead (``shards.external``).
+
+    Every split's annotations are read and checked before any split is written: a malformed test
+    file fails the pack before hours go into the train split."""
+    shard_dir, outcomes = data.shards, []  # a local folder or an fsspec URL (shards.storage)
+    todo = [s for s in splits if force or data.pack.force or not storage.exists(index_path(shard_dir, s))]
+    urls = webdataset_urls(data)
+    if data.corpus == "webdataset":
+        unknown = [s for s in todo if not urls.get(s)]
+        if unknown:
+            raise UnknownSplit(f"data=webdataset: no shards for split(s) {unknown}; set data.webdataset.train / val / "
+                               f"test (for data.train_split / val_split / test_split) to a shard pattern such as "
+                               f"\"'/data/cc/{{00000..00099}}.tar'\"")
+        for split in todo:
+            expand_shards(urls[split])  # every pattern checked before any split is counted
+        records = {}
+    else:
+        records = {split: list(corpus_records(data, split)) for split in todo}
     for split in splits:
         report = None
-        if force or data.pack.force or not index_path(shard_dir, split).is_file():
-            report = pack_split(corpus_records(data, split), shard_dir, split,
+        if split in records:
+            report = pack_split(records.pop(split), shard_dir, split,
                                 shard_bytes=data.pack.shard_mb * 2**20, workers=data.pack.workers,
                                 transcode=transcode_spec(data), progress=progress,
-                                ray_address=data.pack.ray_address)
+                                ray_address=data.pack.ray_address, max_quarantine=data.pack.max_quarantine)
+        elif split in todo:
+            report = index_webdataset(urls[split], shard_dir, split, _webdataset_members(data),
+                                      progress=progress, max_quarantine=data.pack.max_quarantine)
         outcomes.append(SplitPack(split, report, verify_split(shard_dir, split) if data.pack.verify else None))
     return outcomes
 
@@ -89,15 +125,18 @@ def ensure_shards(data: DataConfig, *, progress: bool) -> None:
             if outcome.verified is not None and not outcome.verified.ok:
                 raise RuntimeError(f"verification of {data.shards}/{outcome.split} failed: {outcome.verified}")
     for split in splits:
-        read_index(Path(data.shards), split)  # raises ShardsNotFound with the fix in its message
+        read_index(data.shards, split)  # raises ShardsNotFound with the fix in its message
 
 
 def quarantine_counts(data: DataConfig) -> dict[str, int]:
     """Rows each split lost at pack time (``<split>.quarantine.jsonl``), for the run's metrics."""
     counts = {}
     for split in (data.train_split, data.test_split):
-        path = Path(data.shards) / f"{split}.quarantine.jsonl"
-        counts[f"quarantined_{split}"] = sum(1 for line in path.open() if line.strip()) if path.is_file() else 0
+        try:
+            text = storage.read_bytes(storage.join(data.shards, f"{split}.quarantine.jsonl")).decode("utf-8")
+        except FileNotFoundError:
+            text = ""
+        counts[f"quarantined_{split}"] = sum(1 for line in text.splitlines() if line.strip())
     return counts
 
 
@@ -128,7 +167,7 @@ def local_train_source(data: DataConfig, model: ModelConfig, dist: DistInfo, see
     from shards.loader import build_loader
     from shards.stream import ShardStream
 
-    stream = ShardStream(Path(data.shards), data.train_split, max_frames=data.max_frames,
+    stream = ShardStream(data.shards, data.train_split, max_frames=data.max_frames,
                          image_size=model.image_size, sample_fps=data.sample_fps, training=True, seed=seed,
                          shuffle_buffer=data.shuffle_buffer, rank=dist.rank, world_size=dist.world_size)
     return build_loader(stream, batch_size=data.batch_size, max_words=data.max_words,
@@ -140,7 +179,7 @@ def eval_loader(data: DataConfig, model: ModelConfig, split: str) -> "StreamLoad
     from shards.loader import build_loader
     from shards.stream import ShardStream
 
-    stream = ShardStream(Path(data.shards), split, max_frames=data.max_frames, image_size=model.image_size,
+    stream = ShardStream(data.shards, split, max_frames=data.max_frames, image_size=model.image_size,
                          sample_fps=data.sample_fps, training=False)
     return build_loader(stream, batch_size=data.eval_batch_size, max_words=data.max_words,
                         num_workers=data.num_workers, training=False, seed=0, normalise=False)

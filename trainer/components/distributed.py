@@ -89,6 +89,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def decided_once(pick):
+    """``pick()`` on rank 0, its result on every rank (ranks started apart must agree on a choice)."""
+    if not torch.distributed.is_initialized():
+        return pick()
+    box = [pick() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -3,10 +3,14 @@ accepts as names and params, pinning sqlite URIs, probing a server, and the one 
 reports when the store is unreachable at start."""
 from __future__ import annotations
 
+import base64
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from trainer.components.secrets import redact, redact_tree
 
 # MLflow's own limits (mlflow.utils.validation); copied so rank != 0 never imports mlflow.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -32,9 +36,10 @@ def sanitize_metric_name(name: str) -> str:
 
 def flatten_params(cfg: dict, prefix: str = "") -> dict[str, str]:
     """Flatten a nested config into MLflow params: ``{"data": {"batch_size": 32}}`` ->
-    ``{"data.batch_size": "32"}``. Values become strings cut to MLflow's 6000-character limit."""
+    ``{"data.batch_size": "32"}``. Values become strings cut to MLflow's 6000-character limit;
+    secrets are masked (``trainer.components.secrets``)."""
     flat: dict[str, str] = {}
-    for key, value in cfg.items():
+    for key, value in redact_tree(cfg).items() if not prefix else cfg.items():  # no secret reaches MLflow
         full_key = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, dict) and value:
             flat.update(flatten_params(value, full_key))
@@ -49,13 +54,13 @@ class TrackingUnavailable(RuntimeError):
 
 def _describe(exc: BaseException) -> str:
     """One line: MLflow/SQLAlchemy errors carry whole SQL statements and tracebacks."""
-    lines = str(exc).strip().splitlines()
+    lines = redact(str(exc)).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _unavailable(uri: str, cause: object) -> TrackingUnavailable:
     return TrackingUnavailable(
-        f"MLflow tracking store {uri!r} is unavailable ({cause}). Start the server "
+        f"MLflow tracking store {redact(uri)!r} is unavailable ({redact(cause)}). Start the server "
         f"(e.g. `mlflow server --host 127.0.0.1 --port 5000`), fix the tracking URI in the config, "
         f"or use a local store such as 'sqlite:///mlflow.db'."
     )
@@ -63,13 +68,20 @@ def _unavailable(uri: str, cause: object) -> TrackingUnavailable:
 
 def _probe_http(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
     """Fail fast on an unreachable server: MLflow's own client retries for minutes."""
+    parts = urllib.parse.urlsplit(uri)
+    request = urllib.request.Request(uri.rstrip("/") + "/health")
+    if parts.username is not None:  # urllib takes no credentials in the URL: send them as basic auth
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health")
+        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        urllib.request.urlopen(request, timeout=timeout_s).close()
     except urllib.error.HTTPError:
         pass  # the server answered; auth or routing problems surface from MLflow itself
     except OSError as exc:  # URLError, refused, timed out (limit timeout_s), DNS failure
         reason = getattr(exc, "reason", exc)
-        raise _unavailable(uri, f"probe of {uri.rstrip('/')}/health failed: {reason}") from exc
+        raise _unavailable(uri, f"probe of {redact(uri.rstrip('/'))}/health failed: {reason}") from exc
 
 
 def _absolute_sqlite_uri(uri: str) -> tuple[str, Path | None]:

@@ -25,12 +25,14 @@ import collections
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from trainer.components.secrets import redact
 from trainer.components.mlflow_store import (TrackingUnavailable, _absolute_sqlite_uri, _describe, _probe_http,
                                              _unavailable, flatten_params, sanitize_metric_name)
 
@@ -76,6 +78,9 @@ class MetricsLogger:
             return
 
         self.uri, db_path = _absolute_sqlite_uri(uri)
+        self.shown_uri = redact(self.uri)  # what messages print: never the credentials
+        if self.shown_uri != self.uri:  # MLflow prints "View run at <uri>" itself, credentials and all
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self._flush_every_s = flush_every_s
         self._max_buffered_points = max_buffered_points
         self._buffer: collections.deque = collections.deque()
@@ -118,7 +123,7 @@ class MetricsLogger:
                 if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
                 raise ValueError(
-                    f"MLflow run_id {run_id!r} does not exist in {self.uri}; check the run id saved "
+                    f"MLflow run_id {run_id!r} does not exist in {self.shown_uri}; check the run id saved "
                     f"with the checkpoint and the tracking URI, or pass run_id=None for a new run"
                 ) from exc
             if run.info.status != "RUNNING":
@@ -127,7 +132,7 @@ class MetricsLogger:
             self.experiment_id = run.info.experiment_id
             if tags:
                 self.set_tags(tags)
-            log.info("MLflow: resumed run %s at %s", run_id, self.uri)
+            log.info("MLflow: resumed run %s at %s", run_id, self.shown_uri)
             return
 
         self.experiment_id = self._get_or_create_experiment(experiment, db_path)
@@ -135,14 +140,14 @@ class MetricsLogger:
         run = self._client.create_run(self.experiment_id, tags=str_tags, run_name=run_name)
         self.run_id = run.info.run_id
         log.info("MLflow: started run %s (%s) in experiment %r at %s",
-                 self.run_id, run.info.run_name, experiment, self.uri)
+                 self.run_id, run.info.run_name, experiment, self.shown_uri)
 
     def _get_or_create_experiment(self, name: str, db_path: Path | None) -> str:
         from mlflow.exceptions import MlflowException
 
         existing = self._client.get_experiment_by_name(name)
         if existing is not None and existing.lifecycle_stage == "deleted":
-            raise ValueError(f"MLflow experiment {name!r} is deleted in {self.uri}; restore it "
+            raise ValueError(f"MLflow experiment {name!r} is deleted in {self.shown_uri}; restore it "
                              f"(`mlflow experiments restore --experiment-id {existing.experiment_id}`) "
                              f"or choose another experiment name")
         if existing is not None:
@@ -206,7 +211,7 @@ class MetricsLogger:
                 log.warning("MLflow run %s already has different values for params %s; "
                             "MLflow params are immutable, keeping the old values", self.run_id, changed)
         except Exception as exc:
-            log.warning("MLflow: could not log %d params to %s: %s", len(chunk), self.uri, _describe(exc))
+            log.warning("MLflow: could not log %d params to %s: %s", len(chunk), self.shown_uri, _describe(exc))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Buffer ``metrics`` at ``step``; returns at once (no I/O). Names are sanitized;
@@ -274,7 +279,7 @@ class MetricsLogger:
         try:
             action()
         except Exception as exc:
-            log.warning("MLflow: could not %s for run %s at %s: %s", what, self.run_id, self.uri,
+            log.warning("MLflow: could not %s for run %s at %s: %s", what, self.run_id, self.shown_uri,
                         _describe(exc))
 
     # -- flushing --------------------------------------------------------------------------------
@@ -300,14 +305,14 @@ class MetricsLogger:
                 if not self._in_outage:
                     self._in_outage = True
                     log.warning("MLflow: flushing metrics to %s failed (%s); keeping %d points in "
-                                "memory and retrying every flush. Training continues.", self.uri,
+                                "memory and retrying every flush. Training continues.", self.shown_uri,
                                 _describe(exc), len(pending) - sent)
                 return
             self._in_flight = 0
             if self._in_outage:
                 self._in_outage = False
                 log.warning("MLflow: %s reachable again; sent %d buffered points (%d dropped while down)",
-                            self.uri, len(pending), self.dropped_points)
+                            self.shown_uri, len(pending), self.dropped_points)
 
     @property
     def pending_points(self) -> int:
@@ -339,7 +344,7 @@ class MetricsLogger:
         self.flush()
         if self.pending_points:
             log.warning("MLflow: %d metric points could not be written to %s and are lost",
-                        self.pending_points, self.uri)
+                        self.pending_points, self.shown_uri)
         self._guarded("terminate run", lambda: self._client.set_terminated(self.run_id, status=status))
 
     def __enter__(self) -> MetricsLogger:

@@ -2,7 +2,11 @@
 summary table on stdout."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from omegaconf import OmegaConf
+
+from trainer.components.secrets import redact, redact_tree
 
 from trainer.evaluation.scoring import Evaluation, eval_metric_names
 from trainer.evaluation.plots import plot_loss_curves, plot_rank_histograms, plot_recall_curves, plot_stage_comparison
@@ -30,11 +34,12 @@ def write_outputs(ctx, result: Evaluation, elapsed_s: float) -> None:
     payload = {
         "run": cfg.run.name,
         "mlflow_run_id": tracker.run_id,
-        "tracking_uri": tracker.uri or cfg.tracking.uri,
+        "tracking_uri": redact(tracker.uri or cfg.tracking.uri),
         "corpus": cfg.data.corpus,
         "test_split": cfg.data.test_split,
         "test_texts": result.num_texts,
         "test_videos": result.num_videos,
+        "test_data": ctx.eval_data.get(cfg.data.test_split, {}),  # samples in the split, scored, dropped by kind
         "chance": result.chance(),
         "rerank_alpha": result.rerank_alpha,
         "rerank_alpha_val_rsum": {str(a): v for a, v in result.rerank_alpha_scores.items()},
@@ -44,14 +49,16 @@ def write_outputs(ctx, result: Evaluation, elapsed_s: float) -> None:
     }
     metrics_path = write_metrics_json(run_dir / "metrics.json", payload)
     config_path = run_dir / "config.yaml"
-    config_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    config_path.write_text(OmegaConf.to_yaml(OmegaConf.create(redact_tree(asdict(cfg)))))  # secrets masked
     for path in (metrics_path, config_path):
         tracker.log_artifact(path)
     for path in made:
         tracker.log_artifact(path, artifact_path="plots")
     chance = result.chance()["t2v"]["R1"]
-    print(f"\n{cfg.run.name}: {cfg.data.corpus} {cfg.data.test_split} ({result.num_texts} captions, "
+    data = ctx.eval_data.get(cfg.data.test_split, {})
+    scored = f"scored {data['scored']} of its {data['in_split']} samples, " if data else ""
+    print(f"\n{cfg.run.name}: {cfg.data.corpus} {cfg.data.test_split} ({scored}{result.num_texts} captions, "
           f"{result.num_videos} videos: chance R@1 {chance:.2f}), stages {'+'.join(cfg.stage.run)}, "
           f"{elapsed_s / 60:.1f} min\n{summary_table(result.metrics)}\n"
-          f"metrics: {metrics_path}\nplots:   {plots}\nMLflow run {tracker.run_id} at {tracker.uri} "
-          f"(mlflow ui --backend-store-uri {tracker.uri})")
+          f"metrics: {metrics_path}\nplots:   {plots}\nMLflow run {tracker.run_id} at {redact(tracker.uri)} "
+          f"(mlflow ui --backend-store-uri {redact(tracker.uri)})")

@@ -18,8 +18,9 @@ from trainer.config import RootConfig
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 REPO_ROOT = CONF_DIR.parent
 
-# Keys that hold filesystem paths: made absolute at start, because a Ray job's working dir is
-# ephemeral and DeepSpeed ranks may start elsewhere.
+# Keys that hold filesystem paths: made absolute at start (against the caller's working directory,
+# as any command-line tool resolves them), because a Ray job's working dir is ephemeral and
+# DeepSpeed ranks may start elsewhere. data.video_dir is relative to data.root, not to the caller.
 PATH_KEYS = ("data.root", "data.shards", "run.dir", "stage.gen.init", "model.weights")
 
 
@@ -75,9 +76,13 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
         _check_declared(cfg, RootConfig, "")
         _absolutize_paths(cfg)
         OmegaConf.resolve(cfg)
+        _derive_shards(cfg, overrides)
     except (HydraException, OmegaConfBaseException, YAMLError) as err:
         cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
         first = " ".join(str(cause).split())[:300]
+        if "mismatched input '{'" in first:  # a brace pattern of shard names, unquoted for Hydra
+            first += ("; a value holding braces must be quoted inside the override, e.g. "
+                      "data.webdataset.train=\"'/data/cc/{00000..00099}.tar'\"")
         raise ConfigError(
             f"config error: {first} (overrides: {' '.join(overrides) or 'none'}). Keys are "
             "declared in trainer/config.py and conf/; group options are the files in conf/<group>/"
@@ -101,11 +106,21 @@ def _check_declared(node: DictConfig, schema: type, prefix: str) -> None:
             _check_declared(node._get_node(key), type(child), f"{prefix}{key}.")
 
 
+def _derive_shards(cfg: DictConfig, overrides: list[str]) -> None:
+    """``data.shards`` defaults to ``<data.root>/shards``; one of the two must be given."""
+    if cfg.data.shards:
+        return
+    if not cfg.data.root:
+        raise ConfigError(f"config error: data.root and data.shards are both unset (overrides: {' '.join(overrides) or 'none'}); "
+                          f"pass data.root=<corpus on disk> to pack it, or data.shards=<packed shards> to train from them")
+    cfg.data.shards = str(Path(cfg.data.root) / "shards")
+
+
 def _absolutize_paths(cfg: DictConfig) -> None:
     for key in PATH_KEYS:
-        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        value = OmegaConf.select(cfg, key)
         if value and ":/" not in str(value) and not os.path.isabs(str(value)):  # URIs stay as they are
-            OmegaConf.update(cfg, key, str(REPO_ROOT / str(value)), merge=False)
+            OmegaConf.update(cfg, key, str(Path.cwd() / str(value)), merge=False)
 
 
 def load_config(argv: list[str] | None = None) -> DictConfig:

@@ -6,15 +6,18 @@ import contextlib
 import sys
 from typing import Callable, TypeVar
 
-from shards.corpora.common import AnnotationError
+from shards.corpora.common import AnnotationError, UnknownSplit
 from shards.manifest import ManifestError
+from shards.tarread import ShardMembersMissing
+from shards.writer import PackRefused
 from trainer.components.collapse import TrainingCollapsed
 from trainer.components.export import UnsafeFile
 from trainer.components.mlflow_store import TrackingUnavailable
+from trainer.components.rundir import RunDirTaken
 
 # TrainingCollapsed is not the user's input, but it is the user's to act on, in one line.
 USER_ERRORS = (FileNotFoundError, AnnotationError, ManifestError, TrackingUnavailable, TrainingCollapsed,
-               UnsafeFile)
+               UnsafeFile, UnknownSplit, PackRefused, ShardMembersMissing, RunDirTaken)
 Loaded = TypeVar("Loaded")
 
 

@@ -72,7 +72,7 @@ def ray_train_source(data: DataConfig, model: ModelConfig, dist: DistInfo, seed:
     if shard is None:
         raise RuntimeError(f"no Ray Train dataset {TRAIN_DATASET!r} in this worker: start Ray runs through "
                            "launch/train.py launcher=ray, which passes it to the TorchTrainer")
-    total = int(read_index(Path(data.shards), data.train_split)["total_samples"])
+    total = int(read_index(data.shards, data.train_split)["total_samples"])
     return RayTrainLoader(shard, batch_size=data.batch_size, num_samples=total, world_size=dist.world_size,
                           shuffle_buffer=data.shuffle_buffer, max_words=data.max_words, seed=seed)
 
@@ -94,7 +94,7 @@ def _train_worker(config: dict) -> None:
 
     # Typed again (RootConfig), as trainer.launchers.cli.compose returns it: run.train reads it as dataclasses.
     train(OmegaConf.merge(OmegaConf.structured(RootConfig), config["cfg"]), train_source=ray_train_source,
-          after_checkpoint=report_checkpoint)
+          after_checkpoint=report_checkpoint, dir_claimed=True)
 
 
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
@@ -122,13 +122,19 @@ def launch_ray(dcfg) -> None:
 
     from shards.ray_source import ray_dataset
     from trainer.components.data import ensure_shards
+    from trainer.components.rundir import claim, named
+    from trainer.run import check_gen_init
 
+    dcfg = named(dcfg)  # the driver names the run: every worker gets the same run.dir
     cfg = OmegaConf.to_object(dcfg)
     lc = cfg.launcher
     ensure_shards(cfg.data, progress=cfg.run.progress)
+    check_gen_init(cfg, Path(cfg.run.dir))
+    claim(Path(cfg.run.dir), resume=cfg.run.resume, overwrite=cfg.run.overwrite,
+          continues="con" not in cfg.stage.run and not cfg.stage.gen.init)
     if not ray.is_initialized():
         ray.init(address=lc.address or None, runtime_env={"env_vars": _worker_env_vars()}, log_to_driver=True)
-    dataset = ray_dataset(Path(cfg.data.shards), cfg.data.train_split, max_frames=cfg.data.max_frames,
+    dataset = ray_dataset(cfg.data.shards, cfg.data.train_split, max_frames=cfg.data.max_frames,
                           image_size=cfg.model.image_size, sample_fps=cfg.data.sample_fps,
                           num_actors=lc.decode_actors, use_gpu=lc.use_gpu)
     storage = lc.storage_path or str(Path(cfg.run.dir) / "ray")

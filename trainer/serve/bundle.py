@@ -31,6 +31,8 @@ class InferenceSettings:
     gen_schedule: str
     gen_timesteps: int
     corpus: str
+    # gen_rerank's weight as the run chose it on its val split (metrics.json); None = eval.rerank_alpha
+    rerank_alpha: float | None = None
 
     @classmethod
     def from_run_config(cls, path: Path) -> "InferenceSettings":
@@ -44,11 +46,16 @@ class InferenceSettings:
         cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
         try:
             data, gen = cfg["data"], cfg["stage"]["gen"]
-            return cls(max_words=int(data["max_words"]), sample_fps=float(data["sample_fps"]),
-                       gen_schedule=str(gen["schedule"]), gen_timesteps=int(gen["timesteps"]),
-                       corpus=str(data["corpus"]))
+            settings = cls(max_words=int(data["max_words"]), sample_fps=float(data["sample_fps"]),
+                           gen_schedule=str(gen["schedule"]), gen_timesteps=int(gen["timesteps"]),
+                           corpus=str(data["corpus"]))
         except (KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a streamret run config (no {err}); point at a finished run dir") from None
+        metrics = path.parent / "metrics.json"
+        if cfg["data"].get("val_split") and metrics.is_file():  # chosen on validation, not the configured value
+            alpha = json.loads(metrics.read_text()).get("rerank_alpha")
+            settings.rerank_alpha = None if alpha is None else float(alpha)
+        return settings
 
     @classmethod
     def locate(cls, folder: Path) -> "InferenceSettings":
@@ -64,10 +71,10 @@ class InferenceSettings:
     @classmethod
     def read(cls, path: Path) -> "InferenceSettings":
         saved = json.loads(path.read_text())
-        missing = [f.name for f in fields(cls) if f.name not in saved]
+        missing = [f.name for f in fields(cls) if f.name not in saved and f.name != "rerank_alpha"]
         if missing:
             raise ValueError(f"{path}: no {', '.join(missing)}; re-register the model from its run dir")
-        return cls(**{f.name: saved[f.name] for f in fields(cls)})
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")

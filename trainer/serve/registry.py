@@ -25,6 +25,7 @@ from pathlib import Path
 
 from trainer.serve.bundle import SETTINGS_FILE, InferenceSettings, ModelBundle, load_bundle_files
 from trainer.components.mlflow_store import _absolute_sqlite_uri, sanitize_metric_name
+from trainer.components.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def _download_bundle(uri: str, tracking_uri: str | None) -> ModelBundle:
                                                                  tracking_uri=tracking_uri))
             except MlflowException as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise FileNotFoundError(f"model {uri!r} not found in {tracking_uri}: {first}. List versions with "
+                raise FileNotFoundError(f"model {uri!r} not found in {redact(tracking_uri)}: {first}. List versions with "
                                         f"`mlflow models` / the MLflow UI, or check the name and alias") from exc
             art = local / "artifacts"
             gen = art / "gen.pt"

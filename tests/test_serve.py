@@ -1,0 +1,61 @@
+"""The registered model is code, not a pickle (MLflow models-from-code), and serves as users serve
+it: `mlflow models serve` on 127.0.0.1, queried over HTTP."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.support import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_registered_model_is_loaded_from_code(trained_run, tmp_path) -> None:
+    import mlflow
+    import yaml
+
+    local = mlflow.artifacts.download_artifacts("models:/streamret@champion", dst_path=str(tmp_path),
+                                                tracking_uri=trained_run.uri)
+    files = {p.name for p in __import__("pathlib").Path(local).rglob("*")}
+    assert "python_model.pkl" not in files and "model_code.py" in files  # nothing to unpickle
+    flavor = yaml.safe_load((__import__("pathlib").Path(local) / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor.get("model_code_path", "").endswith("model_code.py")
+
+
+def test_mlflow_models_serve_answers_queries(trained_run) -> None:
+    import mlflow
+
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=trained_run.uri)
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/streamret@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                assert time.time() < deadline, "mlflow models serve did not come up"
+                time.sleep(1)
+        captions = ["a small red square moves right", "a big blue circle"]
+        body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [[c] for c in captions]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        served = np.array(json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    mlflow.set_tracking_uri(trained_run.uri)
+    local = np.array(mlflow.pyfunc.load_model("models:/streamret@champion").predict({"text": captions}))
+    assert served.shape == local.shape == (2, 32)
+    assert np.allclose(served, local, atol=1e-5) and np.allclose(np.linalg.norm(served, axis=1), 1, atol=1e-4)
