@@ -102,8 +102,6 @@ def save_pyfunc(path: Path, con_path: Path, gen_path: Path | None, settings: Inf
     """Write the pyfunc model directory (MLmodel, artifacts, code) at ``path``."""
     import mlflow.pyfunc
 
-    from trainer.serve.pyfunc import StreamretPyfunc
-
     settings_path = settings.write(path.parent / SETTINGS_FILE)
     code = path.parent / "code"
     for package in CODE_PACKAGES:
@@ -115,7 +113,9 @@ def save_pyfunc(path: Path, con_path: Path, gen_path: Path | None, settings: Inf
     with warnings.catch_warnings():
         # predict takes several input shapes (see trainer.serve.pyfunc), so no type-hint schema.
         warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
-        mlflow.pyfunc.save_model(path=str(path), python_model=StreamretPyfunc(), artifacts=artifacts,
+        # models-from-code: the model is trainer/serve/model_code.py run on load, not a pickled instance
+        mlflow.pyfunc.save_model(path=str(path), python_model=str(Path(__file__).with_name("model_code.py")),
+                                 artifacts=artifacts,
                                  code_paths=[str(code / p) for p in CODE_PACKAGES],
                                  pip_requirements=_requirements())
     return path
