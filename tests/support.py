@@ -33,6 +33,25 @@ TINY_RUN = [
 ]
 
 
+def wait_for_http(url: str, server: subprocess.Popen, timeout_s: float, what: str) -> None:
+    """Poll ``url`` until it answers; fail (with the server's stderr when it kept it) if ``server``
+    exits or ``timeout_s`` passes first."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                err = server.stderr.read()[-3000:] if server.stderr else ""
+                raise AssertionError(f"{what} did not come up at {url}: {err}")
+            time.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

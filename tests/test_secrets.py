@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
-from tests.support import TINY_RUN, free_port, launch_train
+from tests.support import TINY_RUN, free_port, launch_train, wait_for_http
 from trainer.components.mlflow_store import flatten_params
 from trainer.components.secrets import redact, redact_tree
 
@@ -32,16 +30,7 @@ def tracking_server(tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
                                "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
                                "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("mlflow server did not come up")
-            time.sleep(0.5)
+    wait_for_http(f"http://127.0.0.1:{port}/health", server, 120, "mlflow server")
     yield port, store, artifacts
     server.terminate()
     server.wait(timeout=30)

@@ -6,14 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.support import free_port
+from tests.support import free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +41,7 @@ def test_mlflow_models_serve_answers_queries(trained_run) -> None:
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()[-3000:]
-                assert time.time() < deadline, "mlflow models serve did not come up"
-                time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, 180, "mlflow models serve")
         captions = ["a small red square moves right", "a big blue circle"]
         body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [[c] for c in captions]}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
