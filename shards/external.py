@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from shards.index import index_path
 from shards.sample import Quarantined
+from shards.storage import write_bytes
 from shards.tarread import Members, tar_members
 from shards.writer import PackReport, refusal, write_quarantine
 
@@ -87,8 +88,6 @@ def index_webdataset(pattern: str, out_dir: Path, split: str, members: Members, 
     index = {"split": split, "corpus": "webdataset", "total_samples": total, "shards": shards,
              "members": members.to_json(), "source": pattern, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "transcode": None}
-    tmp = index_path(out_dir, split).with_suffix(".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    tmp.replace(index_path(out_dir, split))
+    write_bytes(index_path(out_dir, split), json.dumps(index, indent=1).encode())  # atomic: tmp + replace
     (out_dir / f"{split}.refused.jsonl").unlink(missing_ok=True)
     return PackReport(split, total, len(quarantine), len(shards), out_dir, reasons, "indexed in place", rows, total)

@@ -13,7 +13,6 @@ never from the config; URLs are printed through :func:`redact`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -104,10 +103,6 @@ def remove(location: str) -> None:
     fs, path = filesystem(location)
     if fs.exists(path):
         fs.rm_file(path)
-
-
-def read_json(location: str | Path):
-    return json.loads(read_bytes(location))
 
 
 def transient(exn: BaseException) -> bool:
