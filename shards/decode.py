@@ -15,24 +15,18 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def sample_frame_indices(
-    num_frames: int,
-    fps: float,
-    max_frames: int,
-    sample_fps: float = 1.0,
-    start: float | None = None,
-    end: float | None = None,
+def window_frame_indices(
+    num_frames: int, fps: float, sample_fps: float = 1.0, start: float | None = None, end: float | None = None
 ) -> np.ndarray:
-    """Frame indices at ``sample_fps`` inside ``[start, end]`` seconds (whole video when None),
-    thinned uniformly (linspace) to ``max_frames`` when there are more.
+    """Frame indices at ``sample_fps`` inside ``[start, end]`` seconds (whole video when None).
 
     Never empty for a non-empty video: a window shorter than one sampling step still gets its
     first frame, and a window past the end falls back to the last frame.
     """
     if num_frames <= 0:
         raise ValueError(f"num_frames={num_frames}: the video has no frames to sample")
-    if max_frames <= 0 or sample_fps <= 0:
-        raise ValueError(f"max_frames={max_frames}, sample_fps={sample_fps}: both must be > 0")
+    if sample_fps <= 0:
+        raise ValueError(f"sample_fps={sample_fps}: must be > 0")
     fps = float(fps) if fps and fps > 0 else 1.0
     duration = num_frames / fps
     t0 = 0.0 if start is None else max(0.0, float(start))
@@ -43,6 +37,22 @@ def sample_frame_indices(
     idx = np.clip(np.floor(times * fps).astype(np.int64), 0, num_frames - 1)
     if idx.size == 0:
         idx = np.array([min(int(t0 * fps), num_frames - 1)], dtype=np.int64)
+    return idx
+
+
+def sample_frame_indices(
+    num_frames: int,
+    fps: float,
+    max_frames: int,
+    sample_fps: float = 1.0,
+    start: float | None = None,
+    end: float | None = None,
+) -> np.ndarray:
+    """``window_frame_indices`` thinned uniformly (linspace) to ``max_frames`` when there are more:
+    the reference's sampling (method.md section 1). Frame shards store the unthinned set."""
+    if max_frames <= 0:
+        raise ValueError(f"max_frames={max_frames}: must be > 0")
+    idx = window_frame_indices(num_frames, fps, sample_fps, start, end)
     if idx.size > max_frames:
         pick = np.linspace(0, idx.size - 1, max_frames).round().astype(np.int64)
         idx = idx[pick]

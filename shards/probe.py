@@ -38,6 +38,19 @@ class Transcode:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class FrameSpec:
+    """Frame shards (``shards.frames``): the sampling rate (frames per second of video), the short
+    side in pixels (never upscaled: a smaller video keeps its size) and the JPEG quality."""
+
+    fps: float = 1.0
+    short_side: int = 224
+    quality: int = 90
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
 class ProbeInfo:
     duration: float
@@ -167,38 +180,3 @@ def check_decodes(data: bytes) -> None:
     from shards.decode import decode_frames  # torch + decord: only where probing runs
 
     decode_frames(data, lambda n, fps: [0, n - 1])
-
-
-def prepare_sample(sample: VideoSample, transcode: Transcode | None = None) -> tuple[dict, bytes, str] | Quarantined:
-    """Everything pack time needs for one sample: ``(json meta, video bytes, member extension)``
-    or the reason it cannot be packed. Runs in a worker process, so it must never raise."""
-    path = sample.video_path
-    try:
-        if not path.is_file():
-            return Quarantined(str(path), "video missing", sample.video_id)
-        if transcode:
-            data, extension = transcode_video(path, transcode), "mp4"
-            info = probe_video(data)
-        else:
-            data = path.read_bytes()
-            info = probe_video(path)
-            extension = info.extension
-            if info.rotation:
-                data, extension = transcode_video(path, upright_spec(info)), "mp4"
-                info = probe_video(data)
-    except Exception as exn:  # noqa: BLE001 - any decoder failure means "unusable video"
-        return Quarantined(str(path), "unreadable video", sample.video_id, {"error": f"{type(exn).__name__}: {exn}"})
-    try:
-        check_decodes(data)
-    except Exception as exn:  # noqa: BLE001 - decord raises DECORDError and friends
-        return Quarantined(str(path), "not decodable by decord", sample.video_id,
-                           {"error": f"{type(exn).__name__}: {str(exn)[:300]}",
-                            "fix": "set data.pack.transcode_short_side (e.g. 256) to re-encode it at pack time"})
-    if sample.start is not None and info.duration > 0 and sample.start >= info.duration:
-        return Quarantined(
-            str(path), "clip window outside video", sample.video_id,
-            {"start": sample.start, "end": sample.end, "duration": info.duration},
-        )
-    meta = sample.meta()
-    meta.update(duration=info.duration, fps=info.fps, num_frames=info.num_frames)
-    return meta, data, extension

@@ -51,17 +51,33 @@ class SkipCounter:
         return dict(self.counts)
 
 
-def read_shard_samples(row: dict[str, Any], counter) -> Iterator[dict[str, Any]]:
+def read_shard_samples(row: dict[str, Any], counter, max_frames: int, sample_fps: float) -> Iterator[dict[str, Any]]:
     """Raw samples (``key``, ``video`` bytes, ``meta`` JSON text) of the shard at ``row["path"]``, which
-    its index says holds ``row["samples"]``; damage goes to ``counter`` (``shards.tarread.shard_samples``)."""
+    its index says holds ``row["samples"]``; damage goes to ``counter`` (``shards.tarread.shard_samples``).
+    Frame shards: ``frames``, only the JPEGs the clip trains on (``shards.frames.pick_positions``), so
+    the rest never cross to the decode actors; ``video`` is then empty."""
     path = row["path"]
     members = Members.from_index(row)  # row["members"]: Members.to_json()
     for sample in shard_samples(path, path, row["samples"], lambda kind: counter.add.remote(kind), members):
-        yield {"key": sample["__key__"], "video": sample["video"], "meta": sample["json"].decode("utf-8")}
+        out = {"key": sample["__key__"], "video": sample.get("video", b""), "meta": sample["json"].decode("utf-8"),
+               "frames": []}
+        if "frames" in sample:
+            from shards.frames import pick_positions  # torch: in the read task's process only
+
+            try:
+                meta = json.loads(out["meta"])
+                picked = pick_positions(meta["frames"], max_frames, sample_fps, meta.get("start"), meta.get("end"))
+            except (ValueError, KeyError, TypeError) as exn:
+                counter.add.remote("decode_error")
+                log.warning("%s: sample %s: bad frames entry (%s); skipped", path, sample["__key__"], exn)
+                continue
+            out["frames"] = [sample["frames"][p] for p in picked]
+        yield out
 
 
 class DecodeClips:
-    """Actor body: decode the sampled frames, CLIP-preprocess (on the GPU when ``use_gpu``)."""
+    """Actor body: decode the sampled frames, CLIP-preprocess (on the GPU when ``use_gpu``; frame
+    shards' JPEGs are then decoded there too, by nvJPEG)."""
 
     def __init__(self, *, max_frames: int, image_size: int, sample_fps: float, use_gpu: bool, counter) -> None:
         import torch
@@ -75,22 +91,27 @@ class DecodeClips:
         # frames' device); only the final [T, 3, S, S] comes back to host memory.
         self.transform = ClipTransform(image_size)
 
-    def _frames(self, mp4: bytes, meta: dict) -> np.ndarray:
-        from shards.decode import decode_frames, sample_frame_indices
+    def _frames(self, video: bytes, jpegs: list[bytes], meta: dict):
+        """uint8 ``[T, H, W, 3]`` on ``self.device``: decord on the CPU for video shards; for frame
+        shards the picked JPEGs, on the GPU with nvJPEG when ``use_gpu`` (one batched call per clip)."""
+        import torch
 
-        start, end = meta.get("start"), meta.get("end")
-        return decode_frames(mp4, lambda n, fps: sample_frame_indices(n, fps, self.max_frames, self.sample_fps,
-                                                                      start, end))
+        from shards.frames import decode_jpegs, sampled_frames
+
+        if len(jpegs):  # picked at read time already
+            return decode_jpegs([bytes(j) for j in jpegs], self.device)
+        frames = sampled_frames({"video": video}, meta, self.max_frames, self.sample_fps)
+        return torch.from_numpy(frames).to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         videos, masks, ids, keys, captions = [], [], [], [], []
-        for key, video_bytes, meta_text in zip(batch["key"], batch["video"], batch["meta"]):
+        for key, video_bytes, jpegs, meta_text in zip(batch["key"], batch["video"], batch["frames"], batch["meta"]):
             try:
                 meta = json.loads(meta_text)
-                frames = self._frames(bytes(video_bytes), meta)
-                video, mask = self.transform(torch.from_numpy(frames).to(self.device), self.max_frames)
+                frames = self._frames(bytes(video_bytes), jpegs, meta)
+                video, mask = self.transform(frames, self.max_frames)
             except Exception as exn:  # noqa: BLE001 - decord raises its own DECORDError and friends
                 self.counter.add.remote("decode_error")
                 log.warning("cannot decode sample %s (%s: %s); skipped", key, type(exn).__name__, exn)
@@ -130,7 +151,7 @@ def ray_dataset(
              for s in index["shards"]]
     dataset = (
         ray.data.from_items(paths, override_num_blocks=len(paths))
-        .flat_map(read_shard_samples, fn_kwargs={"counter": counter})
+        .flat_map(read_shard_samples, fn_kwargs={"counter": counter, "max_frames": max_frames, "sample_fps": sample_fps})
         .map_batches(
             DecodeClips,
             fn_constructor_kwargs=dict(max_frames=max_frames, image_size=image_size, sample_fps=sample_fps,

@@ -10,7 +10,7 @@ Order of operations (per DataLoader worker, or in-process):
    shards run out reads its own shards again, so every rank yields exactly ``samples_per_rank``
    samples per epoch (a rank with more stops early) and DDP never waits on a short rank;
 4. skip the samples a resumed run already consumed, before decoding (only tar bytes are read);
-5. decode with decord and CLIP-preprocess.
+5. decode (decord for video shards, libjpeg-turbo for frame shards: ``shards.frames``) and CLIP-preprocess.
 
 Resume granularity: one sample when iterated in-process; one batch through
 ``shards.loader.build_loader`` (which tracks consumed batches in the main process). Resuming is
@@ -35,7 +35,8 @@ from typing import Iterator
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from shards.decode import ClipTransform, decode_frames, sample_frame_indices
+from shards.decode import ClipTransform
+from shards.frames import sampled_frames
 from shards.index import read_index
 from shards.storage import is_url, join, redact
 from shards.tarread import Members, check_members, shard_samples
@@ -217,12 +218,7 @@ class ShardStream(IterableDataset):
         those from its workers (4x less IPC) and normalises whole batches with ``transform.normalise``."""
         try:
             meta = json.loads(raw["json"])
-            start, end = meta.get("start"), meta.get("end")
-
-            def indices(num_frames: int, fps: float):
-                return sample_frame_indices(num_frames, fps, self.max_frames, self.sample_fps, start, end)
-
-            frames = decode_frames(raw["video"], indices)
+            frames = sampled_frames(raw, meta, self.max_frames, self.sample_fps)
         except Exception as exn:  # noqa: BLE001 - decord raises its own DECORDError and friends
             self.counters["decode_error"] += 1
             log.warning("%s/%s: cannot decode sample %s (%s: %s); skipped", redact(str(self.shard_dir)), raw.get("__url__"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,17 @@ from shards.storage import is_url, local_path, redact, resumable_members
 log = logging.getLogger(__name__)
 
 VIDEO_MEMBERS = ("mp4", "mov", "m4v", "3gp", "mkv", "webm", "avi", "mpg", "flv", "wmv")
+FRAME_MEMBER = re.compile(r"^(\d+)\.jpg$")  # frame shards: <key>.0000.jpg, <key>.0001.jpg, ... (shards.frames)
+
+
+def frame_member(i: int) -> str:
+    return f"{i:04d}.jpg"
+
+
+def frame_members(sample: dict) -> list[bytes]:
+    """A grouped tar sample's JPEG frames in frame order (numeric: ``10000.jpg`` after ``9999.jpg``)."""
+    found = sorted((int(m.group(1)), name) for name in sample if (m := FRAME_MEMBER.match(name)))
+    return [sample[name] for _, name in found]
 
 
 class ShardMembersMissing(ValueError):
@@ -45,18 +57,23 @@ class Members:
     caption_member: str = ""
     caption_keys: tuple[str, ...] = ("captions",)
     id_key: str = "video_id"
+    format: str = "video"  # "frames": JPEG frame members (shards.frames) instead of one video member
 
     @classmethod
     def from_index(cls, index: dict) -> "Members":
         spec = index.get("members") or {}
         return cls(spec.get("caption_member", ""), tuple(spec.get("caption_keys", ("captions",))),
-                   spec.get("id_key", "video_id"))
+                   spec.get("id_key", "video_id"), index.get("format") or spec.get("format") or "video")
 
     def to_json(self) -> dict:
-        return {"caption_member": self.caption_member, "caption_keys": list(self.caption_keys), "id_key": self.id_key}
+        return {"caption_member": self.caption_member, "caption_keys": list(self.caption_keys), "id_key": self.id_key,
+                "format": self.format}
 
     def normalise(self, sample: dict) -> dict | str:
-        """``{"__key__", "video", "json", "__url__"}``, or what is missing (a short reason)."""
+        """``{"__key__", "video" | "frames", "json", "__url__"}``, or what is missing (a short reason).
+        ``video`` is the bytes of the video member; ``frames`` the JPEG frames in order."""
+        if self.format == "frames":
+            return self._normalise_frames(sample)
         video = next((sample[ext] for ext in VIDEO_MEMBERS if ext in sample), None)
         if video is None:
             return f"no video member (has {sorted(k for k in sample if not k.startswith('__'))})"
@@ -79,6 +96,21 @@ class Members:
         if "video_id" not in meta:
             return "json member has no video_id"
         return {"__key__": sample["__key__"], "video": video, "json": sample["json"], "__url__": sample.get("__url__")}
+
+    def _normalise_frames(self, sample: dict) -> dict | str:
+        frames = frame_members(sample)
+        if not frames:
+            return f"no frame members (has {sorted(k for k in sample if not k.startswith('__'))})"
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+        except (ValueError, UnicodeDecodeError):
+            return "json member is not valid JSON"
+        if not isinstance(meta, dict) or "video_id" not in meta or not meta.get("captions"):
+            return "json member has no video_id or no captions"
+        stored = meta.get("frames")
+        if not isinstance(stored, dict) or len(stored.get("indices") or []) != len(frames):
+            return f"json frames entry does not list the {len(frames)} stored frames"
+        return {"__key__": sample["__key__"], "frames": frames, "json": sample["json"], "__url__": sample.get("__url__")}
 
     def captions(self, sample: dict, meta: dict) -> list[str]:
         if self.caption_member:

@@ -13,23 +13,21 @@ A split that packs nothing, or loses more than ``max_quarantine`` of its rows, i
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import tempfile
 import time
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import webdataset as wds
 from tqdm import tqdm
 
 from shards import storage
 from shards.index import index_path, sha256_file
-from shards.probe import Transcode, prepare_sample
+from shards.pack_pool import prepared
+from shards.probe import FrameSpec, Transcode
 from shards.sample import Quarantined, VideoSample
 
 
@@ -97,70 +95,6 @@ def _remove_stale_tmp(out_dir: Path, split: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-class _RayTasks:
-    """The executor interface of ``ProcessPoolExecutor`` (``submit`` -> a future with ``result``)
-    on Ray tasks, so the same bounded, in-order loop packs on a Ray cluster."""
-
-    def __init__(self, address: str) -> None:
-        import ray
-
-        self._ray = ray
-        self._started = not ray.is_initialized()
-        if self._started:
-            ray.init(address=None if address == "local" else address, include_dashboard=False,
-                     log_to_driver=False)
-        self._task = ray.remote(prepare_sample)
-
-    def submit(self, fn, *args) -> "_RayFuture":
-        return _RayFuture(self._ray, self._task.remote(*args))
-
-    def __enter__(self) -> "_RayTasks":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._started:
-            self._ray.shutdown()
-
-
-class _RayFuture:
-    def __init__(self, ray, ref) -> None:
-        self._ray, self._ref = ray, ref
-
-    def result(self):
-        return self._ray.get(self._ref)
-
-
-def _prepared(
-    records: Iterable[VideoSample | Quarantined], workers: int, transcode: Transcode | None,
-    ray_address: str = "",
-) -> Iterator[tuple[dict, bytes, str, str, int] | Quarantined]:
-    """Probe (and transcode) samples -> ``(meta, video bytes, extension, key, rows)`` (and transcode) samples, in order, with at most ``4 * workers`` in flight so memory
-    stays bounded however long the corpus is: in ``workers`` local processes, or as Ray tasks
-    when ``ray_address`` names a cluster ("local" starts one in-process, "auto" joins the running one)."""
-    def finish(item: VideoSample, out) -> tuple[dict, bytes, str, str, int] | Quarantined:
-        return out if isinstance(out, Quarantined) else (*out, item.key, item.rows)
-
-    if workers <= 0 and not ray_address:
-        for record in records:
-            yield record if isinstance(record, Quarantined) else finish(record, prepare_sample(record, transcode))
-        return
-    workers = max(workers, 1)
-    # spawn, not fork: the parent may hold torch / decord threads that fork would copy mid-lock.
-    executor = (_RayTasks(ray_address) if ray_address
-                else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
-    with executor as pool:
-        pending: deque[tuple[VideoSample | Quarantined, Future | None]] = deque()
-        for record in records:
-            future = None if isinstance(record, Quarantined) else pool.submit(prepare_sample, record, transcode)
-            pending.append((record, future))
-            while len(pending) > 4 * workers:
-                rec, fut = pending.popleft()
-                yield rec if fut is None else finish(rec, fut.result())
-        while pending:
-            rec, fut = pending.popleft()
-            yield rec if fut is None else finish(rec, fut.result())
-
-
 def _member_bytes(n: int) -> int:
     """A tar member: one 512-byte header plus its data padded to 512 bytes."""
     return 512 + -(-n // 512) * 512
@@ -182,9 +116,9 @@ class _ShardSink:
         self._writer: wds.TarWriter | None = None
         self._bytes = 0
 
-    def write(self, key: str, meta: dict, video: bytes, extension: str) -> None:
+    def write(self, key: str, meta: dict, members: dict[str, bytes]) -> None:
         payload = json.dumps(meta).encode("utf-8")
-        size = _member_bytes(len(video)) + _member_bytes(len(payload))
+        size = sum(_member_bytes(len(data)) for data in members.values()) + _member_bytes(len(payload))
         if self._writer is not None and _archive_bytes(self._bytes + size) > self.shard_bytes:
             self._close()
         if self._writer is None:
@@ -194,7 +128,7 @@ class _ShardSink:
             # PAX header each) and makes shards byte-identical across re-packs.
             self._writer = wds.TarWriter(str(self.tmp_dir / name), mtime=0)
             self._bytes = 0
-        self._writer.write({"__key__": key, extension: video, "json": payload})
+        self._writer.write({"__key__": key, "json": payload, **members})
         self.shards[-1]["samples"] += 1
         self._bytes += size
 
@@ -224,10 +158,12 @@ def pack_split(
     progress: bool = True,
     ray_address: str = "",
     max_quarantine: float = 0.25,
+    frames: FrameSpec | None = None,
 ) -> PackReport:
     """Probe/transcode every sample, write ``<split>-NNNNNN.tar`` shards, ``<split>.index.json``
     and ``<split>.quarantine.jsonl`` (always written, possibly empty) into ``out_dir``. The probing
     runs in ``workers`` processes, or as Ray tasks on ``ray_address``; the output is identical.
+    ``frames``: store each clip as JPEG frames (``shards.frames``) instead of its video bytes.
     Raises :class:`PackRefused` (writing ``<split>.refused.jsonl`` instead of an index) when
     nothing packed or more than ``max_quarantine`` of the rows were quarantined."""
     remote = str(out_dir) if storage.is_url(out_dir) else ""
@@ -248,19 +184,19 @@ def pack_split(
     packed_rows = 0
     refused: PackRefused | None = None
     try:
-        bar = tqdm(_prepared(records, workers, transcode, ray_address), desc=f"pack {split}", unit="video", disable=not progress)
+        bar = tqdm(prepared(records, workers, transcode, ray_address, frames), desc=f"pack {split}", unit="video", disable=not progress)
         for item in bar:
             if isinstance(item, Quarantined):
                 quarantine.append(item)
                 continue
-            meta, video, extension, key, rows = item
+            meta, members, key, rows = item
             if key in seen_keys:
                 quarantine.append(Quarantined(meta.get("video_id", key), "duplicate key", meta.get("video_id"),
                                               {"key": key}))
                 continue
             seen_keys.add(key)
             corpora.add(meta.get("corpus", ""))
-            sink.write(key, meta, video, extension)
+            sink.write(key, meta, members)
             packed_rows += rows
         shards = sink.close()
         total = sum(s["samples"] for s in shards)
@@ -275,6 +211,8 @@ def pack_split(
             "shards": shards,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "transcode": transcode.to_json() if transcode else None,
+            "format": "frames" if frames else "video",
+            **({"frames": frames.to_json()} if frames else {}),
         }
         if total == 0 or len(quarantine) > max_quarantine * rows_in:
             log = tmp_dir / f"{split}.refused.jsonl"

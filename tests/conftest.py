@@ -117,6 +117,20 @@ def synthetic_shards(synthetic_corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def frame_shards(synthetic_corpus, tmp_path_factory) -> Path:
+    """The tiny corpus packed as frame shards (data.pack.format=frames: JPEG frames at 1 fps)."""
+    from shards.manifest import ManifestCorpus
+    from shards.probe import FrameSpec
+    from shards.writer import pack_split
+
+    out = tmp_path_factory.mktemp("frame_shards")
+    for split in ("train", "test"):
+        corpus = ManifestCorpus(synthetic_corpus / f"{split}.jsonl", corpus="synthetic")
+        pack_split(corpus.samples(split), out, split, shard_bytes=40 * 1024, progress=False, frames=FrameSpec())
+    return out
+
+
 @pytest.fixture
 def shard_copy(synthetic_shards, tmp_path) -> Path:
     """A private copy of the packed shards that a test may damage."""

@@ -117,6 +117,30 @@ def test_damaged_shards_are_skipped_and_counted(ray_cluster, shard_copy, bad_inp
     assert skip_counts(ds) == {"corrupt_shard": 1, "short_shard": 1, "incomplete_sample": 0, "decode_error": 1}
 
 
+def test_frame_shards_give_the_rows_the_local_stream_gives(ray_cluster, frame_shards) -> None:
+    """Frame shards: the read tasks ship only the picked JPEGs, the actors decode them (libjpeg-turbo
+    here, nvJPEG with use_gpu); rows equal ShardStream's samples of the same shards."""
+    rows = {r["key"]: r for r in ray_dataset(frame_shards, "test", num_actors=1, **OPTS).take_all()}
+    stream = ShardStream(frame_shards, "test", training=False, **OPTS)
+    local = {s["key"]: s for s in stream}
+    assert sorted(rows) == sorted(local) and len(rows) == read_index(frame_shards, "test")["total_samples"]
+    for key, row in rows.items():
+        assert np.array_equal(row["video_mask"], local[key]["frame_mask"].numpy())
+        assert np.allclose(row["video"], local[key]["frames"].numpy(), atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decode actors need CUDA")
+def test_gpu_jpeg_decode_actors_match_cpu_actors(ray_cluster, frame_shards) -> None:
+    """use_gpu=True on frame shards: batched nvJPEG on the GPU; within JPEG decoder rounding of libjpeg-turbo."""
+    cpu = {r["key"]: r for r in ray_dataset(frame_shards, "test", num_actors=1, **OPTS).take_all()}
+    gpu = {r["key"]: r for r in ray_dataset(frame_shards, "test", num_actors=1, use_gpu=True, **OPTS).take_all()}
+    assert sorted(cpu) == sorted(gpu)
+    for key, row in gpu.items():
+        assert np.array_equal(row["video_mask"], cpu[key]["video_mask"])
+        assert np.abs(row["video"] - cpu[key]["video"]).mean() < 4 / 255 / min(CLIP_STD)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU decode actors need CUDA")
 def test_gpu_decode_actors_match_cpu_actors(ray_cluster, synthetic_shards) -> None:

@@ -16,13 +16,13 @@ from shards.corpora.common import UnknownSplit
 from shards.external import expand_shards, index_webdataset
 from shards.index import ShardsNotFound, VerifyReport, index_path, read_index, verify_split
 from shards.manifest import ManifestCorpus
-from shards.probe import Transcode
+from shards.probe import FrameSpec, Transcode
 from shards.counting import generate_counting_corpus
 from shards.synthetic import generate_synthetic_corpus
 from shards.tarread import Members
 from shards.writer import PackReport, pack_split
 from trainer.components.distributed import DistInfo
-from trainer.config import DataConfig, ModelConfig
+from trainer.config import DataConfig, ModelConfig, PackFormat
 
 if TYPE_CHECKING:  # the stream pulls in torch, decord and open_clip: packing does not need them
     from shards.loader import StreamLoader
@@ -57,6 +57,13 @@ def transcode_spec(data: DataConfig) -> Transcode | None:
         return None
     return Transcode(short_side=p.transcode_short_side, fps=int(p.transcode_fps or 8), gop=p.transcode_gop or 8,
                      fastdecode=p.transcode_fastdecode)
+
+
+def frame_spec(data: DataConfig) -> FrameSpec | None:
+    p = data.pack
+    if PackFormat(p.format) is not PackFormat.frames:
+        return None
+    return FrameSpec(fps=p.frames_fps, short_side=p.frames_short_side, quality=p.frames_quality)
 
 
 @dataclass
@@ -107,7 +114,8 @@ def pack_corpus(data: DataConfig, splits: list[str], *, progress: bool, force: b
             report = pack_split(records.pop(split), shard_dir, split,
                                 shard_bytes=data.pack.shard_mb * 2**20, workers=data.pack.workers,
                                 transcode=transcode_spec(data), progress=progress,
-                                ray_address=data.pack.ray_address, max_quarantine=data.pack.max_quarantine)
+                                ray_address=data.pack.ray_address, max_quarantine=data.pack.max_quarantine,
+                                frames=frame_spec(data))
         elif split in todo:
             report = index_webdataset(urls[split], shard_dir, split, _webdataset_members(data),
                                       progress=progress, max_quarantine=data.pack.max_quarantine)

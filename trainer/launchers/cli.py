@@ -77,6 +77,7 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
         _absolutize_paths(cfg)
         OmegaConf.resolve(cfg)
         _derive_shards(cfg, overrides)
+        _check_pack(cfg.data.pack, overrides)
     except (HydraException, OmegaConfBaseException, YAMLError) as err:
         cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
         first = " ".join(str(cause).split())[:300]
@@ -114,6 +115,16 @@ def _derive_shards(cfg: DictConfig, overrides: list[str]) -> None:
         raise ConfigError(f"config error: data.root and data.shards are both unset (overrides: {' '.join(overrides) or 'none'}); "
                           f"pass data.root=<corpus on disk> to pack it, or data.shards=<packed shards> to train from them")
     cfg.data.shards = str(Path(cfg.data.root) / "shards")
+
+
+def _check_pack(pack: DictConfig, overrides: list[str]) -> None:
+    bad = [f"{key}={value} (must be {rule})" for key, value, ok, rule in (
+        ("frames_fps", pack.frames_fps, pack.frames_fps > 0, "> 0"),
+        ("frames_short_side", pack.frames_short_side, pack.frames_short_side >= 1, ">= 1"),
+        ("frames_quality", pack.frames_quality, 1 <= pack.frames_quality <= 100, "in 1..100"),
+    ) if not ok]
+    if bad:
+        raise ConfigError(f"config error: data.pack.{'; data.pack.'.join(bad)} (overrides: {' '.join(overrides) or 'none'})")
 
 
 def _absolutize_paths(cfg: DictConfig) -> None:
