@@ -163,3 +163,35 @@ def test_frame_stream_resumes_exactly(both_formats):
     resumed = stream()
     resumed.load_state_dict(first.state_dict())
     assert head + [s["key"] for s in resumed] == full and len(full) == 4
+
+
+@pytest.mark.slow
+def test_train_evaluate_and_search_on_frame_shards(frame_shards, trained_run, tmp_path):
+    """launch/train.py, eval.py and search.py on frame shards of the corpus trained_run used as video
+    shards: same seed and config, so R@1 is within noise of the video run's (one test video of 12
+    either way: both runs are 3 steps from random, what differs is only the decoded pixels)."""
+    from tests.support import TINY_RUN, launch_train
+    from tests.test_eval_search import launch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = launch_train(f"data.root={trained_run.corpus}", f"data.shards={frame_shards}", f"run.dir={tmp_path / 'run'}",
+                        f"tracking.uri={uri}", *TINY_RUN, "tracking.promote_at_chance=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    for variant in ("con", "gen_rerank"):
+        for direction in ("t2v", "v2t"):
+            assert abs(metrics[variant][direction]["R1"] - trained_run.metrics[variant][direction]["R1"]) <= 100 / 12 + 1e-6
+
+    out_json = tmp_path / "eval.json"
+    common = [f"tracking.uri={uri}", f"data.root={trained_run.corpus}", "run.progress=false", "run.device=cpu",
+              "data.num_workers=0"]
+    proc = launch("eval.py", ["--model", "models:/streamret@champion", f"data.shards={frame_shards}",
+                              "eval.rerank_topk=4", "--out", str(out_json), *common], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for direction in ("t2v", "v2t"):  # the same model on the same frames reproduces the run's own evaluation
+        assert json.loads(out_json.read_text())["metrics"]["con"][direction] == pytest.approx(metrics["con"][direction])
+    query = json.loads((trained_run.corpus / "test.jsonl").read_text().splitlines()[0])["captions"][0]
+    proc = launch("search.py", ["model=models:/streamret@champion", f"shards={frame_shards}", f"query={query}",
+                                "--topk", "2", *common], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len([line for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]) == 2
