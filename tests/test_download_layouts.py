@@ -292,14 +292,10 @@ def test_audio_only_file_is_quarantined_with_transcode_on(tmp_path) -> None:
 
 def test_pack_cli_unknown_split_is_one_line(tmp_path) -> None:
     """`--splits val` for msrvtt was a traceback (exit 1)."""
-    import subprocess
-    import sys
-
-    from tests.support import ROOT
+    from tests.test_pack_cli import run_pack
 
     root = msrvtt_layout(tmp_path / "msrvtt")
-    proc = subprocess.run([sys.executable, "launch/pack.py", "data=msrvtt", f"data.root={root}", "--splits", "val",
-                           "run.progress=false"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_pack("data=msrvtt", f"data.root={root}", "--splits", "val")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip() == ("error: msrvtt: unknown split 'val'; this corpus has splits ['train', 'test'] "
                                    "(pass --splits train,test or a subset)")

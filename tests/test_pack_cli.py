@@ -1,19 +1,36 @@
-"""`launch/pack.py` end to end, as a subprocess on a tiny manifest corpus of real H.264 clips."""
+"""`launch/pack.py` end to end on a tiny manifest corpus of real H.264 clips: its ``main`` in this
+process (an interpreter start costs ~7 s on 2 cores: most of a test), and once as a subprocess."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_pack(*args: str) -> subprocess.CompletedProcess:
+def run_pack_subprocess(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "launch/pack.py", *args, "run.progress=false"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
+
+
+def run_pack(*args: str) -> SimpleNamespace:
+    """``launch/pack.py`` ``main`` in-process: its exit code, stdout and stderr, as a subprocess gives them."""
+    from launch.pack import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([*args, "run.progress=false"])
+        except SystemExit as exit_:
+            code = exit_.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.fixture
@@ -43,7 +60,7 @@ def _overrides(root: Path, shards: Path, workers: int = 0) -> list[str]:
 
 def test_pack_writes_index_quarantine_and_verifies(manifest_corpus, tmp_path) -> None:
     shards = tmp_path / "shards"
-    proc = run_pack(*_overrides(manifest_corpus, shards, workers=1), "data.pack.verify=true")
+    proc = run_pack_subprocess(*_overrides(manifest_corpus, shards, workers=1), "data.pack.verify=true")
     assert proc.returncode == 0, proc.stderr
     train = json.loads((shards / "train.index.json").read_text())
     test = json.loads((shards / "test.index.json").read_text())
@@ -86,7 +103,8 @@ def test_existing_split_is_kept_unless_forced_and_corruption_fails_verify(manife
 def test_pack_cli_packs_through_ray_when_asked(manifest_corpus, tmp_path) -> None:
     """`data.pack.ray_address` reaches the packer from the command line (it once packed locally)."""
     shards, local = tmp_path / "ray", tmp_path / "local"
-    proc = run_pack(*_overrides(manifest_corpus, shards, workers=2), "data.pack.ray_address=local", "--splits", "train")
+    proc = run_pack_subprocess(*_overrides(manifest_corpus, shards, workers=2), "data.pack.ray_address=local",
+                               "--splits", "train")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train: 5 rows in = 3 packed" in proc.stdout and "probed as Ray tasks (local)" in proc.stdout
     assert run_pack(*_overrides(manifest_corpus, local), "--splits", "train").returncode == 0
