@@ -53,6 +53,10 @@ def extract_frames(video: bytes, spec: FrameSpec, start: float | None = None,
     for first in range(0, len(indices), _CHUNK):
         frames = torch.from_numpy(reader.get_batch(indices[first : first + _CHUNK].tolist()).asnumpy())
         x = _short_side(frames.permute(0, 3, 1, 2), spec.short_side)
+        if spec.center_crop:
+            side = min(x.shape[-2:])
+            top, left = (x.shape[-2] - side) // 2, (x.shape[-1] - side) // 2
+            x = x[:, :, top : top + side, left : left + side]
         jpegs.extend(bytes(j.numpy()) for j in encode_jpeg([f.contiguous() for f in x], quality=spec.quality))
     rate = fps if fps > 0 else 1.0  # sample_frame_indices' own fallback
     meta = {"num_frames": n, "fps": fps, "indices": indices.tolist(),
@@ -73,21 +77,22 @@ def pick_positions(frames_meta: dict, max_frames: int, sample_fps: float, start:
     return np.clip(np.searchsorted(stored, wanted, side="right") - 1, 0, stored.size - 1)
 
 
-def decode_jpegs(jpegs: list[bytes], device: str | torch.device = "cpu") -> torch.Tensor:
-    """JPEG bytes of one clip -> uint8 ``[T, H, W, 3]`` (a view of planar frames, as
-    ``ClipTransform.crop`` takes them). ``device="cuda"``: one batched nvJPEG call."""
+def decode_jpegs(jpegs: list[bytes], device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """JPEG bytes of one clip -> uint8 planar ``[3, H, W]`` frames (``ClipTransform.crop`` takes the
+    list as it is: stacking would be one more copy). ``device="cuda"``: one batched nvJPEG call."""
     data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
     frames = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     if len({tuple(f.shape) for f in frames}) > 1:
         raise ValueError(f"frames of one clip differ in size: {sorted({tuple(f.shape) for f in frames})}")
-    return torch.stack(frames).permute(0, 2, 3, 1)
+    return frames
 
 
 def sampled_frames(sample: dict, meta: dict, max_frames: int, sample_fps: float,
-                   device: str | torch.device = "cpu") -> np.ndarray | torch.Tensor:
-    """The uint8 ``[T, H, W, 3]`` frames one sample trains on, whichever way it is stored: decord on
-    its ``video`` bytes, or the picked JPEGs of its ``frames`` (only those are decoded; on
-    ``device``). The rule is ``sample_frame_indices`` either way."""
+                   device: str | torch.device = "cpu") -> np.ndarray | list[torch.Tensor]:
+    """The uint8 frames one sample trains on, whichever way it is stored: decord on its ``video``
+    bytes (``[T, H, W, 3]``), or the picked JPEGs of its ``frames`` (planar ``[3, H, W]`` each; only
+    those are decoded, on ``device``). The rule is ``sample_frame_indices`` either way; both forms
+    go to ``ClipTransform.crop`` as they are."""
     start, end = meta.get("start"), meta.get("end")
     if "frames" in sample:
         jpegs = sample["frames"]

@@ -41,11 +41,15 @@ class Transcode:
 @dataclass(frozen=True)
 class FrameSpec:
     """Frame shards (``shards.frames``): the sampling rate (frames per second of video), the short
-    side in pixels (never upscaled: a smaller video keeps its size) and the JPEG quality."""
+    side in pixels (never upscaled: a smaller video keeps its size), the JPEG quality, and
+    ``center_crop``: keep only the centre square, the part CLIP preprocessing trains on (method.md
+    section 1: short side resize, centre crop), so no decode time goes to pixels that are cropped
+    away (a quarter of a 4:3 frame, 44% of a 16:9 one)."""
 
     fps: float = 1.0
     short_side: int = 224
     quality: int = 90
+    center_crop: bool = True
 
     def to_json(self) -> dict:
         return asdict(self)

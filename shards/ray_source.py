@@ -98,7 +98,7 @@ class DecodeClips:
 
         from shards.frames import decode_jpegs, sampled_frames
 
-        if len(jpegs):  # picked at read time already
+        if len(jpegs):  # picked at read time already; planar frames on self.device
             return decode_jpegs([bytes(j) for j in jpegs], self.device)
         frames = sampled_frames({"video": video}, meta, self.max_frames, self.sample_fps)
         return torch.from_numpy(frames).to(self.device)

@@ -10,9 +10,12 @@ pytestmark = pytest.mark.slow  # DataLoader worker processes
 
 def test_decode_bench_quick_writes_json(tmp_path):
     out = tmp_path / "decode.json"
-    main(["decode", "--quick", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    main(["decode", "--quick", "--long-clips", "0", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["transcoded"]["transcode"] == {"short_side": 224, "fps": 8, "gop": 8, "fastdecode": True}
+    assert saved["frames"]["frames"]["fps"] == 1.0 and saved["frames"]["raw_decoder"].startswith("decode_jpeg")
+    assert saved["frames_vs_video_per_core"] > 0 and saved["frames"]["bytes_per_clip"] > 0
+    assert saved["frames"]["pipeline"]["clips"] >= 16 and saved["frames"]["pipeline"]["skipped"] == {}
     for name, fps in (("original", 25), ("transcoded", 8)):
         x = saved[name]
         assert x["decord_get_batch"]["clips"] >= 16 and x["decord_get_batch"]["per_cpu_s"] > 0

@@ -54,7 +54,8 @@ def _tar_members(shard_dir: Path) -> dict[str, bytes]:
 
 def test_frame_shards_store_jpeg_frames_and_their_timestamps(both_formats):
     index = read_index(both_formats["frames"], "train")
-    assert index["format"] == "frames" and index["frames"] == {"fps": 1.0, "short_side": 32, "quality": 90}
+    assert index["format"] == "frames" and index["frames"] == {"fps": 1.0, "short_side": 32, "quality": 90,
+                                                                 "center_crop": True}
     assert read_index(both_formats["video"], "train")["format"] == "video"
     members = _tar_members(both_formats["frames"])
     assert not [name for name in members if name.endswith(".mp4")]
@@ -66,7 +67,7 @@ def test_frame_shards_store_jpeg_frames_and_their_timestamps(both_formats):
     assert segment[0] == 3.5 and segment[-1] == 16.5 and len(segment) == 14  # only the window is stored
     # 40 px clip kept at the stored short side 32; JPEG frames decode to what was stored
     two = decode_jpegs([members["two.0000.jpg"], members["two.0001.jpg"]])
-    assert two.shape == (2, 32, 32, 3) and two.dtype == torch.uint8
+    assert [tuple(f.shape) for f in two] == [(3, 32, 32)] * 2 and two[0].dtype == torch.uint8
 
 
 @pytest.mark.parametrize("max_frames,sample_fps", [(4, 1.0), (12, 1.0), (3, 0.5)])
@@ -108,10 +109,12 @@ def test_frame_path_bad_inputs(tmp_path, clip_maker, bad_inputs):
     clips = {"corrupt": (corrupt, None, None), "zero": (zero, None, None), "phone": (phone, None, None),
              "good": (good, None, None), "good2": (good, 0.0, 1.0)}
     out = tmp_path / "shards"
-    report = pack_split(_samples(clips), out, "train", progress=False, frames=FrameSpec(), max_quarantine=0.5)
+    # whole frames (no centre crop) so the orientation shows on all of the frame
+    report = pack_split(_samples(clips), out, "train", progress=False, frames=FrameSpec(center_crop=False),
+                        max_quarantine=0.5)
     assert (report.packed, report.quarantined) == (3, 2) and report.reasons == {"unreadable video": 2}
     members = _tar_members(out)
-    phone_frame = decode_jpegs([members["phone.0000.jpg"]])[0]
+    phone_frame = decode_jpegs([members["phone.0000.jpg"]])[0].permute(1, 2, 0)
     # stored upright (landscape after the -90 turn), the white corner top-right, as the video path shows it
     assert phone_frame.shape == (64, 96, 3) and phone_frame[:8, -8:].float().mean() > 200
     assert phone_frame[:8, :8].float().mean() < 160

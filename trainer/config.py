@@ -42,6 +42,7 @@ class PackConfig:
     frames_fps: float = 1.0  # format=frames: frames stored per second of video (the reference samples 1 fps)
     frames_short_side: int = 224  # format=frames: short side of the stored JPEGs (never upscaled)
     frames_quality: int = 90  # format=frames: JPEG quality
+    frames_center_crop: bool = True  # format=frames: store only the centre square that training crops to
     shard_mb: int = 256
     workers: int = 2  # probe/transcode processes; 0 = in-process
     ray_address: str = ""  # probe/transcode as Ray tasks instead: "auto" (running cluster), "local", or an address

@@ -35,14 +35,12 @@ is left is entropy decoding, which x264's fastdecode tune (CAVLC, no deblocking)
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -65,7 +63,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--sample-fps", type=float, default=1.0)
     p.add_argument("--shard-mb", type=float, default=1.0, help="shard size when packing (MiB)")
     p.add_argument("--work-dir", type=Path, default=None, help="corpus + shards (default: a temp dir, removed)")
-    p.add_argument("--quick", action="store_true", help="3 clips of 6 s: a smoke run")
+    p.add_argument("--frames-quality", type=int, default=90, help="JPEG quality of the frame shards")
+    p.add_argument("--long-clips", type=int, default=4, help="ActivityNet-length clips (0 = skip that corpus)")
+    p.add_argument("--long-seconds", type=float, default=150.0, help="their length (ActivityNet: 2-3 minutes)")
+    p.add_argument("--long-max-frames", type=int, default=64, help="frames per clip there (ActivityNet's 64)")
+    p.add_argument("--quick", action="store_true", help="3 clips of 6 s (and 2 of 20 s): a smoke run")
     return p
 
 
@@ -82,29 +84,30 @@ def _clip_frames(n: int, width: int, height: int, seed: int):
         yield np.clip(frame, 0, 255).astype(np.uint8)
 
 
-def make_corpus(root: Path, args) -> Path:
+def make_corpus(root: Path, args, clips: int | None = None, seconds: float | None = None) -> Path:
     from shards.probe import encode_h264
 
+    clips, seconds = clips or args.clips, seconds or args.seconds
     width, height = (int(v) for v in args.size.lower().split("x"))
     root.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i in range(args.clips):
+    for i in range(clips):
         path = root / f"clip{i:03d}.mp4"
         if not path.is_file():
-            encode_h264(_clip_frames(int(args.seconds * args.fps), width, height, i), str(path), fps=args.fps,
+            encode_h264(_clip_frames(int(seconds * args.fps), width, height, i), str(path), fps=args.fps,
                         width=width, height=height, gop=args.gop)
         rows.append({"video": path.name, "caption": f"texture pan number {i}"})
     (root / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root / "bench.jsonl"
 
 
-def pack(manifest: Path, out: Path, transcode, workers: int, shard_mb: float) -> float:
+def pack(manifest: Path, out: Path, transcode, workers: int, shard_mb: float, frames=None) -> float:
     from shards.manifest import ManifestCorpus
     from shards.writer import pack_split
 
     t0 = time.perf_counter()
     pack_split(ManifestCorpus(manifest, corpus="bench").samples("bench"), out, "bench", workers=workers,
-               transcode=transcode, progress=False, shard_bytes=max(1, int(shard_mb * 2**20)))
+               transcode=transcode, progress=False, shard_bytes=max(1, int(shard_mb * 2**20)), frames=frames)
     return time.perf_counter() - t0
 
 
@@ -133,13 +136,6 @@ def _raw_samples(shard_dir: Path) -> list[dict]:
 
     stream = ShardStream(shard_dir, "bench", max_frames=1, image_size=8, training=False)
     return list(stream.raw_samples(0, 1, 0, None))
-
-
-def _indices_fn(args, meta: dict) -> Callable[[int, float], np.ndarray]:
-    from shards.decode import sample_frame_indices
-
-    return lambda n, fps: sample_frame_indices(n, fps, args.max_frames, args.sample_fps, meta.get("start"),
-                                               meta.get("end"))
 
 
 def bench_opencv(raws: list[dict], args) -> dict:
@@ -178,19 +174,18 @@ def bench_opencv(raws: list[dict], args) -> dict:
 
 
 def _decord_loop(clips: list[dict], args, start, results) -> None:
-    """One (b) process: wait for the others, decode ``clips``, report (clips, wall s, CPU s)."""
+    """One (b) process: wait for the others, decode ``clips``, report (clips, wall s, CPU s). Video
+    shards: decord ``VideoReader`` + ``get_batch``; frame shards: ``decode_jpeg`` of the picked
+    JPEGs (``shards.frames.sampled_frames`` either way: the decoder alone, no resize or batching)."""
     import torch
 
-    import decord  # after torch, as in shards.decode
+    from shards.frames import sampled_frames  # imports decord after torch
 
     torch.set_num_threads(1)
     start.wait()
     t0, cpu0 = time.perf_counter(), _cpu_s()
     for raw in clips:
-        reader = decord.VideoReader(io.BytesIO(raw["video"]), ctx=decord.cpu(0), num_threads=1)
-        idx = np.clip(_indices_fn(args, json.loads(raw["json"]))(len(reader), reader.get_avg_fps()), 0,
-                      len(reader) - 1)
-        reader.get_batch(idx.tolist()).asnumpy()
+        sampled_frames(raw, json.loads(raw["json"]), args.max_frames, args.sample_fps)
     results.put((len(clips), time.perf_counter() - t0, _cpu_s() - cpu0))
 
 
@@ -247,10 +242,48 @@ def bench_pipeline(shard_dir: Path, args) -> dict:
 
 
 # --- run -----------------------------------------------------------------------------------------
+def _packings(args, transcode, frames, with_original: bool):
+    out = [("original", None, None)] if with_original else []
+    return out + [("transcoded", transcode, None), ("frames", None, frames)]
+
+
+def bench_corpus(work: Path, args, cv2, transcode, frames, *, with_original: bool) -> dict:
+    """Pack the corpus at ``work`` each way, then run (a) (original only), (b) and (c) on each."""
+    manifest = work / "videos" / "bench.jsonl"
+    results: dict = {}
+    for name, spec, frame_spec in _packings(args, transcode, frames, with_original):
+        shard_dir = work / f"shards-{name}"
+        pack_s = pack(manifest, shard_dir, spec, workers=min(2, args.workers), shard_mb=args.shard_mb, frames=frame_spec)
+        raws = _raw_samples(shard_dir)
+        a = bench_opencv(raws, args) if cv2 and name == "original" else None
+        b, c = bench_decord(raws, args), bench_pipeline(shard_dir, args)
+        stored = sum(len(r.get("video", b"")) + sum(map(len, r.get("frames", []))) for r in raws)
+        results[name] = {
+            "pack_s": pack_s, "pack_s_per_clip": pack_s / len(raws), "transcode": spec.to_json() if spec else None,
+            "frames": frame_spec.to_json() if frame_spec else None,
+            "stored_mb": stored / 2**20, "bytes_per_clip": stored / len(raws),
+            "raw_decoder": "decode_jpeg (libjpeg-turbo)" if frame_spec else "decord get_batch",
+            "opencv_every_frame": a, "decord_get_batch": b, "pipeline": c,
+            "pipeline_vs_decord_per_core": c["per_core"] / b["per_core"],
+            "pipeline_vs_decord_per_cpu_s": c["per_cpu_s"] / b["per_cpu_s"],
+        }
+        if a:
+            results[name]["pipeline_vs_opencv_per_core"] = c["per_core"] / a["per_core"]
+            results[name]["pipeline_vs_opencv_per_cpu_s"] = c["per_cpu_s"] / a["per_cpu_s"]
+    tc, fr = results["transcoded"], results["frames"]
+    # the frame format against the video format at its fastest (transcoded), through the same pipeline
+    results["frames_vs_video_per_core"] = fr["pipeline"]["per_core"] / tc["pipeline"]["per_core"]
+    results["frames_vs_video_per_cpu_s"] = fr["pipeline"]["per_cpu_s"] / tc["pipeline"]["per_cpu_s"]
+    results["frames_vs_video_bytes"] = fr["bytes_per_clip"] / tc["bytes_per_clip"]
+    if "original" in results:
+        results["frames_vs_original_bytes"] = fr["bytes_per_clip"] / results["original"]["bytes_per_clip"]
+    return results
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from shards.probe import Transcode
+    from shards.probe import FrameSpec, Transcode
 
     try:
         import cv2
@@ -260,14 +293,16 @@ def run(args: argparse.Namespace) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.quick:
         args.clips, args.seconds, args.pipeline_clips, args.batch_size = 3, 6.0, 16, 4
+        args.long_clips, args.long_seconds, args.long_max_frames = min(args.long_clips, 2), 20.0, 16
     # Short side = the model's input size: the CLIP transform then only crops and normalises.
     fields = [int(v) for v in (args.transcode or f"{args.image_size},8,8").split(",")]
     short_side, fps, gop, fastdecode = (fields + [1])[:4]
     transcode = Transcode(short_side=short_side, fps=fps, gop=gop, fastdecode=bool(fastdecode))
+    frames = FrameSpec(fps=args.sample_fps, short_side=args.image_size, quality=args.frames_quality)
     with tempfile.TemporaryDirectory(prefix="decode-bench-") as tmp:
         work = args.work_dir or Path(tmp)
         t0 = time.perf_counter()
-        manifest = make_corpus(work / "videos", args)
+        make_corpus(work / "clips" / "videos", args)
         generate_s = time.perf_counter() - t0
         results: dict = {
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
@@ -276,38 +311,34 @@ def run(args: argparse.Namespace) -> dict:
                                   "skipped: OpenCV is not installed (pip install -e '.[bench]')"),
             "generate_s": generate_s,
         }
-        for name, spec in (("original", None), ("transcoded", transcode)):
-            shard_dir = work / f"shards-{name}"
-            pack_s = pack(manifest, shard_dir, spec, workers=min(2, args.workers), shard_mb=args.shard_mb)
-            raws = _raw_samples(shard_dir)
-            a = bench_opencv(raws, args) if cv2 else None
-            b, c = bench_decord(raws, args), bench_pipeline(shard_dir, args)
-            results[name] = {
-                "pack_s": pack_s, "transcode": spec.to_json() if spec else None,
-                "mp4_mb": sum(len(r["video"]) for r in raws) / 2**20,
-                "opencv_every_frame": a, "decord_get_batch": b, "pipeline": c,
-                "pipeline_vs_decord_per_core": c["per_core"] / b["per_core"],
-                "pipeline_vs_decord_per_cpu_s": c["per_cpu_s"] / b["per_cpu_s"],
-            }
-            if a:
-                results[name]["pipeline_vs_opencv_per_core"] = c["per_core"] / a["per_core"]
-                results[name]["pipeline_vs_opencv_per_cpu_s"] = c["per_cpu_s"] / a["per_cpu_s"]
+        results.update(bench_corpus(work / "clips", args, cv2, transcode, frames, with_original=True))
         orig, tc = results["original"], results["transcoded"]
         if cv2:
             for unit in ("per_core", "per_cpu_s"):
                 results[f"transcoded_pipeline_vs_original_opencv_{unit}"] = (
                     tc["pipeline"][unit] / orig["opencv_every_frame"][unit])
+        if args.long_clips:
+            # ActivityNet-length clips at 64 frames: the original (long-GOP) path is left out, it
+            # decodes nearly every frame of 2-3 minutes per clip.
+            short = (args.max_frames, args.pipeline_clips)
+            args.max_frames, args.pipeline_clips = args.long_max_frames, max(2 * args.batch_size, args.long_clips)
+            make_corpus(work / "long" / "videos", args, clips=args.long_clips, seconds=args.long_seconds)
+            results["long"] = bench_corpus(work / "long", args, None, transcode, frames, with_original=False)
+            results["long"]["seconds"], results["long"]["max_frames"] = args.long_seconds, args.long_max_frames
+            args.max_frames, args.pipeline_clips = short
     results["load_average"] = os.getloadavg()
     _print_table(results)
     return results
 
 
 def _print_table(r: dict) -> None:
-    print(f"{'':<11} {'clips/s per core (wall)':^43} | {'clips per CPU second':^43}")
-    cols = f"{'(a) opencv':>10} {'(b) decord':>10} {'(c) ours':>9} {'c/a':>5} {'c/b':>5}"
-    print(f"{'shards':<11} {cols} | {cols}")
-    for name in ("original", "transcoded"):
-        x = r[name]
+    print(f"{'':<16} {'clips/s per core (wall)':^43} | {'clips per CPU second':^43} | {'KB/clip':>8} {'pack s/clip':>11}")
+    cols = f"{'(a) opencv':>10} {'(b) raw':>10} {'(c) ours':>9} {'c/a':>5} {'c/b':>5}"
+    print(f"{'shards':<16} {cols} | {cols} |")
+    rows = [(name, r[name]) for name in ("original", "transcoded", "frames")]
+    if "long" in r:
+        rows += [(f"{name} {r['long']['max_frames']}f", r["long"][name]) for name in ("transcoded", "frames")]
+    for name, x in rows:
         row = []
         for unit in ("per_core", "per_cpu_s"):
             b, c = x["decord_get_batch"][unit], x["pipeline"][unit]
@@ -316,7 +347,11 @@ def _print_table(r: dict) -> None:
                 row.append(f"{a:>10.2f} {b:>10.2f} {c:>9.2f} {c / a:>5.2f} {c / b:>5.2f}")
             else:
                 row.append(f"{'-':>10} {b:>10.2f} {c:>9.2f} {'-':>5} {c / b:>5.2f}")
-        print(f"{name:<11} {row[0]} | {row[1]}")
+        print(f"{name:<16} {row[0]} | {row[1]} | {x['bytes_per_clip'] / 1024:>8.1f} {x['pack_s_per_clip']:>11.3f}")
+    print(f"frames vs transcoded video through the pipeline: {r['frames_vs_video_per_core']:.2f}x per core, "
+          f"{r['frames_vs_video_per_cpu_s']:.2f}x per CPU second, {r['frames_vs_video_bytes']:.2f}x the bytes"
+          + (f"; {r['long']['max_frames']} frames of {r['long']['seconds']:g} s: {r['long']['frames_vs_video_per_core']:.2f}x "
+             f"per core, {r['long']['frames_vs_video_bytes']:.2f}x the bytes" if "long" in r else ""))
     if "transcoded_pipeline_vs_original_opencv_per_core" in r:
         print(f"transcoded (c) vs original (a): {r['transcoded_pipeline_vs_original_opencv_per_core']:.2f}x wall "
               f"per core, {r['transcoded_pipeline_vs_original_opencv_per_cpu_s']:.2f}x per CPU second")

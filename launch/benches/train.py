@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--ranks", default="1,2", help="comma-separated world sizes")
     p.add_argument("--batch-size", type=int, default=8, help="samples per rank per step")
     p.add_argument("--steps", type=int, default=6, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the last one counts FLOPs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = cores // ranks)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., deepspeed=zero2, deepspeed.precision=fp32)")
     return p
@@ -74,9 +74,17 @@ def _rank(rank: int, world: int, port: int, cfg_yaml: str, batch: int, steps: in
         engine.backward(loss)
         engine.step()
 
-    for _ in range(warmup):
-        step()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for i in range(warmup):
+        if i == warmup - 1:  # one step counted op by op (forward + backward): the FLOPs behind MFU
+            with FlopCounterMode(display=False) as flops:
+                step()
+        else:
+            step()
     torch.distributed.barrier()
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist.device)
     if dist.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -87,8 +95,10 @@ def _rank(rank: int, world: int, port: int, cfg_yaml: str, batch: int, steps: in
     torch.distributed.barrier()
     elapsed = time.perf_counter() - start
     if rank == 0:
-        Path(out).write_text(json.dumps({"seconds": elapsed, "steps": steps, "dtype": str(dtype),
-                                         "zero_stage": engine.zero_optimization_stage()}))
+        Path(out).write_text(json.dumps({
+            "seconds": elapsed, "steps": steps, "dtype": str(dtype), "zero_stage": engine.zero_optimization_stage(),
+            "flops_per_step": flops.get_total_flops() if warmup else None,
+            "peak_memory_gb": torch.cuda.max_memory_allocated(dist.device) / 2**30 if dist.device.type == "cuda" else None}))
     torch.distributed.destroy_process_group()
 
 
@@ -114,7 +124,8 @@ def run(args: argparse.Namespace) -> dict:
         global_batch = args.batch_size * world
         sps = global_batch * timing["steps"] / timing["seconds"]
         row = {"ranks": world, "threads_per_rank": threads, "global_batch": global_batch,
-               "step_s": timing["seconds"] / timing["steps"], "samples_per_s": sps, "samples_per_s_per_rank": sps / world}
+               "step_s": timing["seconds"] / timing["steps"], "samples_per_s": sps, "samples_per_s_per_rank": sps / world,
+               "flops_per_step_rank0": timing["flops_per_step"], "peak_memory_gb_rank0": timing["peak_memory_gb"]}
         results["runs"].append(row)
         print(f"{world:>5} {global_batch:>12} {row['step_s']:>8.3f} {sps:>10.1f} {sps / world:>9.1f}")
     return results

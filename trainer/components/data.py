@@ -63,7 +63,8 @@ def frame_spec(data: DataConfig) -> FrameSpec | None:
     p = data.pack
     if PackFormat(p.format) is not PackFormat.frames:
         return None
-    return FrameSpec(fps=p.frames_fps, short_side=p.frames_short_side, quality=p.frames_quality)
+    return FrameSpec(fps=p.frames_fps, short_side=p.frames_short_side, quality=p.frames_quality,
+                     center_crop=p.frames_center_crop)
 
 
 @dataclass
