@@ -77,12 +77,9 @@ class Members:
         video = next((sample[ext] for ext in VIDEO_MEMBERS if ext in sample), None)
         if video is None:
             return f"no video member (has {sorted(k for k in sample if not k.startswith('__'))})"
-        try:
-            meta = json.loads(sample["json"]) if "json" in sample else {}
-        except (ValueError, UnicodeDecodeError):
-            return "json member is not valid JSON"
-        if not isinstance(meta, dict):
-            return "json member is not an object"
+        meta = _json_meta(sample)
+        if isinstance(meta, str):
+            return meta
         captions = self.captions(sample, meta)
         if not captions:
             source = f"{self.caption_member} member" if self.caption_member else f"json field(s) {list(self.caption_keys)}"
@@ -101,11 +98,10 @@ class Members:
         frames = frame_members(sample)
         if not frames:
             return f"no frame members (has {sorted(k for k in sample if not k.startswith('__'))})"
-        try:
-            meta = json.loads(sample["json"]) if "json" in sample else {}
-        except (ValueError, UnicodeDecodeError):
-            return "json member is not valid JSON"
-        if not isinstance(meta, dict) or "video_id" not in meta or not meta.get("captions"):
+        meta = _json_meta(sample)
+        if isinstance(meta, str):
+            return meta
+        if "video_id" not in meta or not meta.get("captions"):
             return "json member has no video_id or no captions"
         stored = meta.get("frames")
         if not isinstance(stored, dict) or len(stored.get("indices") or []) != len(frames):
@@ -125,6 +121,15 @@ class Members:
             values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
             found.extend(v.strip() for v in values if isinstance(v, str) and v.strip())
         return found
+
+
+def _json_meta(sample: dict) -> dict | str:
+    """The sample's ``json`` member as a dict ({} when it has none), or what is wrong with it."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except (ValueError, UnicodeDecodeError):
+        return "json member is not valid JSON"
+    return meta if isinstance(meta, dict) else "json member is not an object"
 
 
 def _unsafe(name: str) -> bool:

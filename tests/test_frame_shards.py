@@ -52,6 +52,19 @@ def _tar_members(shard_dir: Path) -> dict[str, bytes]:
     return members
 
 
+def _rewrite_tar(tar_path: Path, edit) -> None:
+    """Rewrite the tar at ``tar_path`` member by member: ``edit(name, data)`` returns the new bytes,
+    or None to drop the member."""
+    rebuilt = io.BytesIO()
+    with tarfile.open(tar_path) as src, tarfile.open(fileobj=rebuilt, mode="w") as dst:
+        for m in src.getmembers():
+            data = edit(m.name, src.extractfile(m).read())
+            if data is not None:
+                m.size = len(data)
+                dst.addfile(m, io.BytesIO(data))
+    tar_path.write_bytes(rebuilt.getvalue())
+
+
 def test_frame_shards_store_jpeg_frames_and_their_timestamps(both_formats):
     index = read_index(both_formats["frames"], "train")
     assert index["format"] == "frames" and index["frames"] == {"fps": 1.0, "short_side": 32, "quality": 90,
@@ -120,16 +133,8 @@ def test_frame_path_bad_inputs(tmp_path, clip_maker, bad_inputs):
     assert phone_frame[:8, :8].float().mean() < 160
 
     # damage one JPEG member of one sample: that sample is skipped and counted, the others decode
-    tar_path = next(p for p in sorted(out.glob("train-*.tar")))
-    rebuilt = io.BytesIO()
-    with tarfile.open(tar_path) as src, tarfile.open(fileobj=rebuilt, mode="w") as dst:
-        for m in src.getmembers():
-            data = src.extractfile(m).read()
-            if m.name == "good.0000.jpg":
-                data = b"\xff\xd8" + bytes(len(data) - 2)
-            m.size = len(data)
-            dst.addfile(m, io.BytesIO(data))
-    tar_path.write_bytes(rebuilt.getvalue())
+    _rewrite_tar(sorted(out.glob("train-*.tar"))[0],
+                 lambda name, data: b"\xff\xd8" + bytes(len(data) - 2) if name == "good.0000.jpg" else data)
     stream = ShardStream(out, "train", max_frames=4, image_size=32, training=False)
     assert sorted(s["key"] for s in stream) == ["good2", "phone"]
     assert stream.counters["decode_error"] == 1
@@ -140,14 +145,9 @@ def test_a_frame_sample_without_its_frames_is_an_incomplete_sample(both_formats,
     out.mkdir()
     for p in both_formats["frames"].iterdir():
         (out / p.name).write_bytes(p.read_bytes())
-    tar_path = next(p for p in sorted(out.glob("train-*.tar")))
-    rebuilt = io.BytesIO()
-    with tarfile.open(tar_path) as src, tarfile.open(fileobj=rebuilt, mode="w") as dst:
-        for m in src.getmembers():
-            if m.name.startswith("short.") and m.name.endswith(".jpg"):
-                continue  # the json stays, its frames are gone
-            dst.addfile(m, io.BytesIO(src.extractfile(m).read()))
-    tar_path.write_bytes(rebuilt.getvalue())
+    # the json stays, its frames are gone
+    _rewrite_tar(sorted(out.glob("train-*.tar"))[0],
+                 lambda name, data: None if name.startswith("short.") and name.endswith(".jpg") else data)
     stream = ShardStream(out, "train", max_frames=4, image_size=32, training=False)
     keys = [s["key"] for s in stream]
     assert "short" not in keys and len(keys) == 3 and stream.counters["incomplete_sample"] == 1
