@@ -74,6 +74,7 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         samples_per_rank: int | None = None,
+        shards: list[str] | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -82,7 +83,12 @@ class ShardStream(IterableDataset):
         self.index = read_index(self.shard_dir, split)
         self.shard_names = [s["name"] for s in self.index["shards"]]
         self.shard_sizes = {s["name"]: int(s["samples"]) for s in self.index["shards"]}
-        self.total_samples = int(self.index["total_samples"])
+        if shards is not None:  # a part of the split (feature extraction encodes one part per call)
+            unknown = [name for name in shards if name not in self.shard_sizes]
+            if unknown or not shards:
+                raise ValueError(f"{split}: shards {unknown or shards} are not in its index ({len(self.shard_names)} shards)")
+            self.shard_names = list(shards)
+        self.total_samples = sum(self.shard_sizes[name] for name in self.shard_names)
         self.members = Members.from_index(self.index)
         check_members(join(self.shard_dir, self.shard_names[0]), self.members)
         self.max_frames, self.image_size, self.sample_fps = max_frames, image_size, sample_fps

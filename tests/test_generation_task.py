@@ -15,9 +15,10 @@ def bank_from_encoder(encoder, n_videos=6, frames=4, words=6) -> FeatureBank:
     with torch.no_grad():
         t = encoder.encode_text(ids, torch.ones_like(ids, dtype=torch.bool))
         v = encoder.encode_video(torch.randn(n_videos, frames, 3, 32, 32), torch.ones(n_videos, frames, dtype=torch.bool))
-    return FeatureBank(t.words, t.weights, t.mask, t.sentence, v.frames, v.weights, v.mask,
-                       torch.arange(n_videos).repeat_interleave(2), [str(i) for i in range(n_videos)],
-                       [""] * (2 * n_videos))
+    return FeatureBank.from_dense(words=t.words, word_weights=t.weights, word_mask=t.mask, sentence=t.sentence,
+                                  frames=v.frames, frame_weights=v.weights, frame_mask=v.mask,
+                                  text_to_video=torch.arange(n_videos).repeat_interleave(2),
+                                  video_ids=[str(i) for i in range(n_videos)], captions=[""] * (2 * n_videos))
 
 
 def test_gradient_reaches_only_the_generators():

@@ -2,7 +2,6 @@
 whose pickle would create a file when loaded is refused with one line, and the file never appears."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -31,20 +30,21 @@ def hostile(path: Path, marker: Path, **payload) -> Path:
 
 def test_a_hostile_export_rng_state_and_feature_cache_are_refused(tmp_path):
     from trainer.components.export import load_export
-    from trainer.components.features import cached_encode_split
+    import numpy as np
+
+    from trainer.components.feature_store import FORMAT, open_bank
 
     marker = tmp_path / "pwned"
     with pytest.raises(UnsafeFile, match="con.pt: refused"):
         load_export(hostile(tmp_path / "con.pt", marker, format=1, stage="con", state_dict={}))
     with pytest.raises(UnsafeFile, match="rng_rank0.pt: refused"):
         safe_load(hostile(tmp_path / "rng_rank0.pt", marker, torch=torch.get_rng_state()))
-    key = {"encoder": "x"}
-    cache = tmp_path / "features"
-    cache.mkdir()
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    hostile(cache / f"features-{digest}.pt", marker, words=torch.zeros(1))
-    with pytest.raises(UnsafeFile, match="features-"):
-        cached_encode_split(cache, key, lambda: pytest.fail("the cache file exists: it must be loaded, not rebuilt"))
+    bank = tmp_path / "features" / "features-0123456789abcdef"
+    bank.mkdir(parents=True)
+    np.save(bank / "words.npy", np.array([CreatesAFile(marker)], dtype=object), allow_pickle=True)
+    (bank / "index.json").write_text(json.dumps({"format": FORMAT, "fields": {"words": {"dtype": "float32"}}}))
+    with pytest.raises(UnsafeFile, match="words.npy: refused"):
+        open_bank(bank, torch.device("cpu"))
     assert not marker.exists()
 
 
@@ -73,9 +73,15 @@ def test_stage_gen_init_from_a_hostile_checkpoint_is_one_line_and_runs_nothing(s
 
 def test_what_streamret_writes_loads_weights_only(trained_run):
     for path in [trained_run.run_dir / "con.pt", trained_run.run_dir / "gen.pt",
-                 *sorted((trained_run.run_dir / "checkpoints").rglob("rng_rank*.pt")),
-                 *sorted((trained_run.run_dir / "features").glob("features-*.pt"))]:
+                 *sorted((trained_run.run_dir / "checkpoints").rglob("rng_rank*.pt"))]:
         assert isinstance(safe_load(path), dict), path
+    from trainer.components.feature_store import open_bank
+
+    indexes = sorted((trained_run.run_dir / "features").glob("features-*/index.json"))
+    # the train bank (stage gen, QB-Norm's querybank) and the test bank, each memory-mapped
+    assert {json.loads(p.read_text())["key"]["split"] for p in indexes} >= {"train", "test"}
+    for index in indexes:
+        assert open_bank(index.parent, torch.device("cpu")).num_videos > 0
 
 
 # --------------------------------------------------------------------------- annotations and tars

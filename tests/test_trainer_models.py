@@ -178,17 +178,19 @@ def test_rerank_pools_once_and_matches_full_forward_every_step():
     nt, nv, f, d = 7, 6, 3, TINY.embed_dim
     frame_mask = torch.ones(nv, f, dtype=torch.bool)
     frame_mask[::2, -1] = False
-    bank = FeatureBank(words=torch.randn(nt, 4, d), word_weights=torch.rand(nt, 4), word_mask=torch.ones(nt, 4, dtype=torch.bool),
-                       sentence=torch.randn(nt, d), frames=torch.randn(nv, f, d), frame_weights=torch.rand(nv, f),
-                       frame_mask=frame_mask, text_to_video=torch.arange(nt) % nv, video_ids=[], captions=[])
+    sentence, frames = torch.randn(nt, d), torch.randn(nv, f, d)  # frames padded with noise: the bank stores zeros
+    bank = FeatureBank.from_dense(words=torch.randn(nt, 4, d), word_weights=torch.rand(nt, 4),
+                                  word_mask=torch.ones(nt, 4, dtype=torch.bool), sentence=sentence, frames=frames,
+                                  frame_weights=torch.rand(nv, f), frame_mask=frame_mask,
+                                  text_to_video=torch.arange(nt) % nv, video_ids=[], captions=[])
     sim, abar = torch.randn(nt, nv), cosine_alphas_cumprod(10)
     with torch.no_grad():
         t2v, v2t = rerank(sim, bank, gens, abar, topk=3, alpha=1.0, steps=5, seed=1)
         g = torch.Generator().manual_seed(1)
-        ref_t2v = rerank_topk(sim, lambda q, c: lambda x, k: gens.t2v(bank.sentence[q], bank.frames[c], frame_mask[c], x, k),
+        ref_t2v = rerank_topk(sim, lambda q, c: lambda x, k: gens.t2v(sentence[q], frames[c], frame_mask[c], x, k),
                               abar, k=3, alpha=1.0, steps=5, generator=g)
         ref_v2t = rerank_topk(sim.t().contiguous(),
-                              lambda q, c: lambda x, k: gens.v2t(bank.frames[q], frame_mask[q], bank.sentence[c], x, k),
+                              lambda q, c: lambda x, k: gens.v2t(frames[q], frame_mask[q], sentence[c], x, k),
                               abar, k=3, alpha=1.0, steps=5, generator=g)
     assert torch.equal(t2v, ref_t2v) and torch.equal(v2t, ref_v2t.t())
     assert not torch.equal(t2v, sim)  # the re-ranking did change the top-3 scores
@@ -218,11 +220,11 @@ def test_generator_inputs_are_the_raw_features(encoder):
     nt, nv, f, d = 5, 4, 3, TINY.embed_dim
     sentence, frames = torch.randn(nt, d) * 3, torch.randn(nv, f, d) * 2
     frame_mask = torch.ones(nv, f, dtype=torch.bool)
-    bank = FeatureBank(words=torch.randn(nt, 4, d), word_weights=torch.rand(nt, 4),
-                       word_mask=torch.ones(nt, 4, dtype=torch.bool), sentence=F.normalize(sentence, dim=-1),
-                       frames=F.normalize(frames, dim=-1), frame_weights=torch.rand(nv, f), frame_mask=frame_mask,
-                       text_to_video=torch.arange(nt) % nv, video_ids=[], captions=[],
-                       sentence_norm=sentence.norm(dim=-1), frame_norm=frames.norm(dim=-1))
+    bank = FeatureBank.from_dense(words=torch.randn(nt, 4, d), word_weights=torch.rand(nt, 4),
+                                  word_mask=torch.ones(nt, 4, dtype=torch.bool), sentence=F.normalize(sentence, dim=-1),
+                                  frames=F.normalize(frames, dim=-1), frame_weights=torch.rand(nv, f),
+                                  frame_mask=frame_mask, text_to_video=torch.arange(nt) % nv, video_ids=[], captions=[],
+                                  sentence_norm=sentence.norm(dim=-1), frame_norm=frames.norm(dim=-1))
     sim, abar = torch.randn(nt, nv), cosine_alphas_cumprod(10)
     with torch.no_grad():
         t2v, _ = rerank(sim, bank, gens, abar, topk=3, alpha=1.0, steps=5, seed=1)

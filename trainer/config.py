@@ -135,9 +135,14 @@ class GenConfig:
     schedule: str = "cosine"  # cosine | linear
     loss: str = "kl"  # kl | mse
     kl_scale: float = 100.0
-    # Keep the frozen encoder's train-split features on disk (<run_dir>/features/): a re-run or
-    # resumed stage gen with the same encoder and data reuses them instead of decoding video again.
+    # The frozen encoder's features of each split are encoded once across ranks into
+    # <run_dir>/features/ and read memory-mapped (trainer/components/feature_store.py). true: a
+    # re-run or resumed stage gen with the same encoder and data reuses them, no video decoded.
     cache_features: bool = True
+    bank_dtype: str = "float16"  # float16 | bfloat16 | float32: the train bank's token features on disk
+    # mode=topk mining: each query's candidates are first shortlisted by pooled features (one dot
+    # product each), then ranked by exact WTI; 0 or >= the bank size = exact WTI over all of it.
+    shortlist: int = 1024
     log_every: int = 10
 
 

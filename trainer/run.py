@@ -16,13 +16,16 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from shards.index import read_index
 from shards.tokenize import CaptionTokenizer
 from trainer.components.checkpoint import ResumePoint, find_resume_point
 from trainer.components.context import RunContext, seed_everything, shape_key
 from trainer.components.data import TrainSourceFactory, ensure_shards, eval_loader, local_train_source, quarantine_counts
 from trainer.components.distributed import barrier, decided_once, init_distributed
 from trainer.components.export import load_export, load_into, write_export
-from trainer.components.features import FeatureBank, cached_encode_split, encode_split, limited
+from trainer.components.extraction import extract_split
+from trainer.components.feature_store import bank_dir, read_index as read_bank_index, store_dtype
+from trainer.components.features import FeatureBank, encode_split, limited
 from trainer.components.mlflow_store import flatten_params
 from trainer.components.rundir import RUN_FILE, claim, named
 from trainer.components.tracking import MetricsLogger
@@ -63,14 +66,21 @@ def train(dcfg: DictConfig, *, train_source: TrainSourceFactory = local_train_so
         ctx.log("data", quarantine_counts(cfg.data), step=0)
         encoder = build_encoder(cfg.model, cfg.data.max_frames).to(dist.device)
         con_path = stage_con(ctx, encoder, resume, train_source)
-        train_bank = train_features(ctx, encoder, con_path) if "gen" in cfg.stage.run else None
-        result, test_bank = evaluate_encoder(ctx, encoder, train_bank)
+        train_bank = None
+        if "gen" in cfg.stage.run:
+            train_bank = split_features(ctx, encoder, con_path, cfg.data.train_split, cfg.stage.gen.bank_dtype,
+                                        "encode train features")
+        result, test_bank = evaluate_encoder(ctx, encoder, con_path, train_bank)
         generators = None
         if "gen" in cfg.stage.run:
             gen_resume = resume if resume and resume.stage == "gen" and not resume.finished else None
             generators, abar = train_gen(ctx, encoder, train_bank, gen_resume)
+            val_bank = None
+            if cfg.data.val_split:
+                val_bank = split_features(ctx, encoder, con_path, cfg.data.val_split, "float32",
+                                          f"encode {cfg.data.val_split}")
             if dist.is_main:
-                evaluate_generator(ctx, encoder, result, test_bank, generators, abar)
+                evaluate_generator(ctx, encoder, result, test_bank, val_bank, generators, abar)
         if dist.is_main:
             write_outputs(ctx, result, time.time() - started)
             if cfg.tracking.register and tracker.run_id:
@@ -97,25 +107,37 @@ def stage_con(ctx: RunContext, encoder, resume: ResumePoint | None, train_source
     return con_path
 
 
-def train_features(ctx: RunContext, encoder, con_path: Path) -> FeatureBank:
-    """The frozen encoder's features of the train split: what stage gen trains on (and QB-Norm's
-    querybank), cached on disk per (encoder, data) with ``stage.gen.cache_features``."""
+def split_features(ctx: RunContext, encoder, con_path: Path, split: str, dtype: str, desc: str) -> FeatureBank:
+    """The frozen encoder's features of ``split``, encoded once across every rank into
+    ``<run_dir>/features/`` (``trainer.components.extraction``) and memory-mapped: stage gen's train
+    bank (also QB-Norm's querybank), the test and val banks. With ``stage.gen.cache_features`` a
+    re-run with the same encoder and data reuses a complete bank; every rank must call this."""
     cfg = ctx.cfg
-    key = {"encoder": file_identity(con_path), "shards": cfg.data.shards, "split": cfg.data.train_split,
-           "max_frames": cfg.data.max_frames, "max_words": cfg.data.max_words, "sample_fps": cfg.data.sample_fps}
-    return cached_encode_split(
-        ctx.run_dir / "features" if cfg.stage.gen.cache_features else None, key,
-        lambda: encode(ctx, encoder, cfg.data.train_split, "encode train features"))
+    key = {"encoder": file_identity(con_path), "shards": cfg.data.shards, "split": split,
+           "max_frames": cfg.data.max_frames, "max_words": cfg.data.max_words, "sample_fps": cfg.data.sample_fps,
+           "dtype": dtype}
+    index = read_index(cfg.data.shards, split)
+    root = bank_dir(ctx.run_dir / "features", key)
+    bank = extract_split(encoder, shard_names=[s["name"] for s in index["shards"]],
+                         loader_for=lambda shards: eval_loader(cfg.data, cfg.model, split, shards),
+                         max_words=cfg.data.max_words, shards_per_part=cfg.data.num_workers, root=root, key=key,
+                         dtype=store_dtype(dtype), dist=ctx.dist, desc=desc,
+                         progress=cfg.run.progress and ctx.dist.is_main, total_samples=int(index["total_samples"]),
+                         reuse=cfg.stage.gen.cache_features)
+    bank_index = read_bank_index(root)
+    # What the split lost at read time: every sample the index lists is scored or counted.
+    ctx.note_eval_data(split, bank_index["total_samples"], bank.num_videos, bank_index["counters"])
+    return bank
 
 
-def evaluate_encoder(ctx: RunContext, encoder, train_bank: FeatureBank | None
+def evaluate_encoder(ctx: RunContext, encoder, con_path: Path, train_bank: FeatureBank | None
                      ) -> tuple[Evaluation, FeatureBank | None]:
-    """Rank 0 (the others wait at the end-of-run barrier): the suite's encoder variants of the
-    test split, each logged; returns the evaluation and the test features."""
+    """The test split encoded across ranks; rank 0 (the others wait at the end-of-run barrier)
+    scores the suite's encoder variants, each logged. Returns the evaluation and the test features."""
+    cfg = ctx.cfg
+    test_bank = split_features(ctx, encoder, con_path, cfg.data.test_split, "float32", "encode test")
     if not ctx.dist.is_main:
         return Evaluation(), None
-    cfg = ctx.cfg
-    test_bank = encode(ctx, encoder, cfg.data.test_split, "encode test")
     result, _ = score_encoder(encoder, test_bank, cfg.eval, querybank=lambda: train_bank if train_bank is not None
                               else encode(ctx, encoder, cfg.data.train_split, "encode querybank", cfg.eval.qb_bank))
     for variant in result.metrics:
@@ -123,13 +145,12 @@ def evaluate_encoder(ctx: RunContext, encoder, train_bank: FeatureBank | None
     return result, test_bank
 
 
-def evaluate_generator(ctx: RunContext, encoder, result: Evaluation, test_bank: FeatureBank, generators,
-                       abar: torch.Tensor) -> None:
+def evaluate_generator(ctx: RunContext, encoder, result: Evaluation, test_bank: FeatureBank,
+                       val_bank: FeatureBank | None, generators, abar: torch.Tensor) -> None:
     """Rank 0: gen_rerank on the test split, with alpha chosen on the val split when there is one."""
     cfg = ctx.cfg
     alpha = None
-    if cfg.data.val_split:
-        val_bank = encode(ctx, encoder, cfg.data.val_split, f"encode {cfg.data.val_split}")
+    if val_bank is not None:
         alpha, result.rerank_alpha_scores = choose_rerank_alpha(encoder, val_bank, generators, abar, cfg.eval,
                                                                 cfg.run.seed)
         print(f"rerank alpha {alpha} chosen on {cfg.data.val_split} (t2v+v2t Rsum per alpha: "
@@ -140,16 +161,12 @@ def evaluate_generator(ctx: RunContext, encoder, result: Evaluation, test_bank: 
     log_evaluation(ctx, result, "gen_rerank", step=0)
 
 
-def encode(ctx: RunContext, encoder, split: str, desc: str, max_captions: int = 0) -> FeatureBank:
-    """The frozen encoder's fp32 features of ``split`` (its first ``max_captions`` captions' samples
-    when > 0), on this rank's device: the one way run.py encodes a split."""
+def encode(ctx: RunContext, encoder, split: str, desc: str, max_captions: int) -> FeatureBank:
+    """Rank 0: the first ``max_captions`` captions' samples of ``split`` in memory (QB-Norm's
+    querybank when there is no train bank)."""
     cfg = ctx.cfg
-    loader = eval_loader(cfg.data, cfg.model, split)
-    bank = encode_split(encoder, limited(loader, max_captions) if max_captions else loader,
+    return encode_split(encoder, limited(eval_loader(cfg.data, cfg.model, split), max_captions),
                         CaptionTokenizer(cfg.data.max_words), ctx.dist.device, torch.float32, desc, cfg.run.progress)
-    if not max_captions:  # what the split lost at read time: every sample the index lists is scored or counted
-        ctx.note_eval_data(split, loader.stream.total_samples, bank.num_videos, loader.counters)
-    return bank
 
 
 def file_identity(path: Path) -> dict:

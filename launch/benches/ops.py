@@ -223,7 +223,7 @@ def _bench_eval(args, device: torch.device) -> dict[str, Any]:
     if "rerank" in parts:
         torch.manual_seed(0)
         generators = Generators(d).to(device).eval()
-        bank = FeatureBank(words=text, word_weights=tw, word_mask=tm, sentence=text[:, 0], frames=video,
+        bank = FeatureBank.from_dense(words=text, word_weights=tw, word_mask=tm, sentence=text[:, 0], frames=video,
                            frame_weights=vw, frame_mask=vm, text_to_video=torch.arange(n, device=device),
                            video_ids=[], captions=[])
         out["generator"] = "trainer.models.generator.Generators (t2v + v2t), random init, fp32"

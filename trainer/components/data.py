@@ -183,13 +183,14 @@ def local_train_source(data: DataConfig, model: ModelConfig, dist: DistInfo, see
                         num_workers=data.num_workers, training=True, seed=seed, normalise=False)
 
 
-def eval_loader(data: DataConfig, model: ModelConfig, split: str) -> "StreamLoader":
-    """Every sample of ``split`` exactly once, in file order (evaluation runs on rank 0)."""
+def eval_loader(data: DataConfig, model: ModelConfig, split: str, shards: list[str] | None = None) -> "StreamLoader":
+    """Every sample of ``split`` (of its ``shards`` only, when given) exactly once, in file order
+    when ``data.num_workers`` <= 1 (else each worker's batches in turn)."""
     from shards.loader import build_loader
     from shards.stream import ShardStream
 
     stream = ShardStream(data.shards, split, max_frames=data.max_frames, image_size=model.image_size,
-                         sample_fps=data.sample_fps, training=False)
+                         sample_fps=data.sample_fps, training=False, shards=shards)
     return build_loader(stream, batch_size=data.eval_batch_size, max_words=data.max_words,
                         num_workers=data.num_workers, training=False, seed=0, normalise=False)
 

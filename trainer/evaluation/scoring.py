@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ops import dual_softmax, qb_norm, rerank_topk, retrieval_metrics
+from ops import dual_softmax, qb_norm_from_stats, querybank_stats, rerank_topk, retrieval_metrics
 from trainer.components.features import FeatureBank
 from trainer.models import Generators, RetrievalEncoder
 
@@ -59,7 +59,7 @@ def similarity_matrix(encoder: RetrievalEncoder, bank: FeatureBank, block: int) 
     """Stage-1 WTI similarity of every caption against every video, in row blocks."""
     videos = bank.video()
     rows = [encoder.similarity(bank.text(slice(i, i + block)), videos)
-            for i in range(0, bank.words.shape[0], block)]
+            for i in range(0, bank.num_texts, block)]
     return torch.cat(rows)
 
 
@@ -68,7 +68,8 @@ def rerank(sim: torch.Tensor, bank: FeatureBank, generators: Generators, abar: t
            topk: int, alpha: float, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM re-ranking inside each query's top K, both directions; returns (t2v, v2t) as [Nt, Nv]."""
     dtype = next(generators.parameters()).dtype
-    frames, frame_mask, sentence = bank.raw_frames().to(dtype), bank.frame_mask, bank.raw_sentence().to(dtype)
+    frames, frame_mask = bank.raw_video()
+    frames, sentence = frames.to(dtype), bank.raw_sentence().to(dtype)
 
     # Each query block's candidates are pooled once; only the denoising runs at every DDIM step.
     def t2v_denoiser(q, cand):
@@ -119,12 +120,26 @@ def evaluate_qb_norm(result: Evaluation, encoder: RetrievalEncoder, bank: Featur
     """Variant ``con_qb_norm``: QB-Norm with a querybank of training captions (t2v) and their videos
     (v2t), encoded by the same encoder. Returns what the querybank held."""
     sim = result.sim
-    n_text = min(max_captions, querybank.words.shape[0])
-    # t2v: bank captions x test videos; v2t: bank videos x test captions (the transposed problem).
-    bank_t2v = torch.cat([encoder.similarity(querybank.text(slice(i, min(i + block, n_text))), bank.video())
-                          for i in range(0, n_text, block)])
-    bank_v2t = encoder.similarity(bank.text(), querybank.video()).t()
-    t2v = qb_norm(sim, bank_t2v, k=min(k, sim.shape[1]), beta=beta)
-    v2t = qb_norm(sim.t(), bank_v2t, k=min(k, sim.shape[0]), beta=beta).t()
+    n_text = min(max_captions, querybank.num_texts)
+    # t2v: bank captions x test videos; v2t: bank videos x test captions (the transposed problem),
+    # both in bank blocks whose stats combine (ops.querybank_stats): the train bank is never whole in memory.
+    test_videos, test_texts = bank.video(), bank.text()
+    t2v_stats = _combined(querybank_stats(encoder.similarity(querybank.text(slice(i, min(i + block, n_text))),
+                                                             test_videos), k=min(k, sim.shape[1]), beta=beta)
+                          for i in range(0, n_text, block))
+    v2t_stats = _combined(querybank_stats(encoder.similarity(test_texts, querybank.video(slice(i, i + block))).t(),
+                                          k=min(k, sim.shape[0]), beta=beta)
+                          for i in range(0, querybank.num_videos, block))
+    t2v = qb_norm_from_stats(sim, *t2v_stats, beta=beta)
+    v2t = qb_norm_from_stats(sim.t(), *v2t_stats, beta=beta).t()
     result.add("con_qb_norm", t2v, v2t, bank.text_to_video)
     return {"captions": n_text, "videos": querybank.num_videos, "k": k, "beta": beta}
+
+
+def _combined(stats) -> tuple[torch.Tensor, torch.Tensor]:
+    """querybank_stats of bank blocks -> the stats of the whole bank (logaddexp of the norms, union of the active sets)."""
+    log_norm = active = None
+    for part_norm, part_active in stats:
+        log_norm = part_norm if log_norm is None else torch.logaddexp(log_norm, part_norm)
+        active = part_active if active is None else active | part_active
+    return log_norm, active

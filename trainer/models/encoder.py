@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from ops import wti_similarity
+from ops import wti_paired, wti_similarity
 from trainer.models.config import ModelConfig
 from trainer.models.clip import encode_words
 from trainer.models.laff import LAFF, multihead_similarity
@@ -160,6 +160,18 @@ class RetrievalEncoder(nn.Module):
                              video.frames.float(), video.weights, video.mask, block=block)
         if text.fused is not None and video.fused is not None:
             sim = sim + multihead_similarity(text.fused.float(), video.fused.float())[0]
+        return sim
+
+    @staticmethod
+    def paired_similarity(text: TextFeatures, video: VideoFeatures) -> torch.Tensor:
+        """s [n, k] of paired items, one side [n, k, ...] and the other [n, ...] (a query and its k
+        candidates): ``similarity``'s formula, pair by pair (ops.wti_paired)."""
+        sim = wti_paired(text.words.float(), text.weights, text.mask, video.frames.float(), video.weights, video.mask)
+        if text.fused is not None and video.fused is not None:
+            t, v = F.normalize(text.fused.float(), dim=-1), F.normalize(video.fused.float(), dim=-1)
+            t = t[:, None] if t.dim() == 3 else t
+            v = v[:, None] if v.dim() == 3 else v
+            sim = sim + (t * v).sum(-1).mean(-1)
         return sim
 
     def clip_parameters(self) -> list[nn.Parameter]:

@@ -14,7 +14,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from ops import alphas_cumprod, mine_candidate_pools, q_sample
+from ops import alphas_cumprod, mine_candidate_pools, pooled_topk, q_sample, shortlist_recall
 from trainer.components.checkpoint import ResumePoint
 from trainer.components.engine import build_engine
 from trainer.components.export import export_stage
@@ -50,11 +50,11 @@ class GenerationTask(nn.Module):
             k = torch.randint(0, self.abar.shape[0], (n,), device=cands.device)
             x_t = q_sample(x0, k, self.abar, torch.randn_like(x0)).to(dtype)
             if direction == "t2v":
-                x0_hat = self.generators.t2v(bank.raw_sentence(query).to(dtype), bank.raw_frames(cands).to(dtype),
-                                             bank.frame_mask[cands], x_t, k)
+                frames, mask = bank.raw_video(cands)
+                x0_hat = self.generators.t2v(bank.raw_sentence(query).to(dtype), frames.to(dtype), mask, x_t, k)
             else:
-                x0_hat = self.generators.v2t(bank.raw_frames(query).to(dtype), bank.frame_mask[query],
-                                             bank.raw_sentence(cands).to(dtype), x_t, k)
+                frames, mask = bank.raw_video(query)
+                x0_hat = self.generators.v2t(frames.to(dtype), mask, bank.raw_sentence(cands).to(dtype), x_t, k)
             losses[direction] = diffusion_loss(x0_hat.float(), positive, self.loss_kind, self.kl_scale)
         total = losses["t2v"] + losses["v2t"]
         return total, {f"loss_{d}": v.item() for d, v in losses.items()}
@@ -73,27 +73,98 @@ def reference_pools(sim: torch.Tensor, text_idx: torch.Tensor, video_idx: torch.
 class TopKPools:
     """``stage.gen.mode=topk``: train on the distribution the generator re-ranks. Every caption's
     top-P videos and every video's top-P captions by stage-1 similarity over the whole train bank
-    (P = eval.rerank_topk), computed once in row blocks; a query's pool is its positive and its
-    P - 1 hardest negatives among those (other captions of the same video are never negatives)."""
+    (P = eval.rerank_topk), computed once; a query's pool is its positive and its P - 1 hardest
+    negatives (other captions of the same video are never negatives).
 
-    def __init__(self, encoder: RetrievalEncoder, bank: FeatureBank, pool: int, block: int = 256):
-        t2v_video = bank.text_to_video
-        n_texts, n_videos = t2v_video.shape[0], bank.num_videos
+    Exact (``shortlist`` <= 0 or >= the candidates of a direction): WTI of every pair, in caption
+    blocks against all videos held once in memory. Shortlisted: per query, the ``shortlist`` best
+    candidates by pooled features (``ops.pooled_topk``, bank read block by block), then exact WTI
+    on those alone (``ops.wti_paired``): memory flat in the bank size, S WTI pairs per query."""
+
+    def __init__(self, encoder: RetrievalEncoder, bank: FeatureBank, pool: int, block: int = 256, shortlist: int = 0):
+        self.encoder, self.bank, self.block = encoder, bank, block
+        self.shortlist = max(shortlist, pool) if shortlist > 0 else 0  # the pool is picked from the shortlist
+        t2v_video = bank.text_to_video.cpu()
+        n_texts, n_videos = bank.num_texts, bank.num_videos
         self.pool = min(pool, n_videos)
+        self.n_neg_v2t = min(self.pool - 1, n_texts - int(torch.bincount(t2v_video).max()))
+        self.exact_t2v = shortlist <= 0 or shortlist >= n_videos - 1
+        self.exact_v2t = shortlist <= 0 or shortlist >= n_texts - int(torch.bincount(t2v_video).max())
+        t2v, v2t = self._exact(t2v_video) if self.exact_t2v or self.exact_v2t else (None, None)
+        if not self.exact_t2v:
+            t2v = torch.cat([self.t2v_shortlisted(torch.arange(r, min(r + block, n_texts)))
+                             for r in range(0, n_texts, block)])
+        if not self.exact_v2t:
+            v2t = torch.cat([self.v2t_shortlisted(torch.arange(r, min(r + block, n_videos)))
+                             for r in range(0, n_videos, block)])
+        self.t2v = t2v  # [Nt, P]: video ids, the caption's own video first
+        # v2t: the positive column is filled per step (a random caption of the query video), the
+        # negatives are the best captions of other videos.
+        self.v2t_negatives = v2t  # [Nv, P-1]
+
+    def _exact(self, t2v_video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bank, n_texts, n_videos = self.bank, self.bank.num_texts, self.bank.num_videos
         videos = bank.video()
-        t2v, v2t_best = [], torch.full((n_videos, n_texts), float("-inf"))
-        for r0 in range(0, n_texts, block):
-            rows = slice(r0, min(r0 + block, n_texts))
+        t2v = []
+        best = torch.full((n_videos, 0), float("-inf"))
+        best_i = torch.empty(n_videos, 0, dtype=torch.long)
+        for r0 in range(0, n_texts, self.block):
+            rows = slice(r0, min(r0 + self.block, n_texts))
             with torch.no_grad():
-                sim = encoder.similarity(bank.text(rows), videos).float().cpu()
-            t2v.append(mine_candidate_pools(sim, t2v_video[rows].cpu(), self.pool))
-            v2t_best[:, rows] = sim.t()
-        self.t2v = torch.cat(t2v)  # [Nt, P]: video ids, the caption's own video first
-        # v2t: each video's captions ranked; the positive column is filled per step (a random caption
-        # of the query video), the negatives are the best captions of other videos.
-        own = t2v_video.cpu()[None, :] == torch.arange(n_videos)[:, None]
-        n_neg = min(self.pool - 1, n_texts - int(own.sum(1).max()))
-        self.v2t_negatives = v2t_best.masked_fill(own, float("-inf")).topk(n_neg, dim=1).indices  # [Nv, P-1]
+                sim = self.encoder.similarity(bank.text(rows), videos).float().cpu()
+            t2v.append(mine_candidate_pools(sim, t2v_video[rows], self.pool))
+            # Each video's best captions of other videos so far (a running top-k: no [Nv, Nt] matrix).
+            cols = sim.t().masked_fill(t2v_video[rows][None, :] == torch.arange(n_videos)[:, None], float("-inf"))
+            best, pick = torch.cat([best, cols], 1).topk(min(self.n_neg_v2t, best.shape[1] + cols.shape[1]), dim=1)
+            best_i = torch.cat([best_i, torch.arange(rows.start, rows.stop).expand(n_videos, -1)], 1).gather(1, pick)
+        return torch.cat(t2v), best_i
+
+    @torch.no_grad()
+    def t2v_shortlisted(self, texts: torch.Tensor) -> torch.Tensor:
+        """[n, P] pools of the captions ``texts``: their video, then their hardest shortlisted videos."""
+        bank = self.bank
+        own = bank.text_to_video.cpu()[texts]
+        cands = pooled_topk(bank.sentence[texts], bank.pooled_video(), self.shortlist, own,
+                            torch.arange(bank.num_videos)).cpu()
+        sims = torch.cat([self.encoder.paired_similarity(bank.text(texts[c]), bank.video(cands[c])).cpu()
+                          for c in self._chunks(cands)])
+        return torch.cat([own[:, None], cands.gather(1, sims.topk(self.pool - 1, dim=1).indices)], dim=1)
+
+    @torch.no_grad()
+    def v2t_shortlisted(self, videos: torch.Tensor) -> torch.Tensor:
+        """[n, P-1] the hardest shortlisted captions of other videos for each of ``videos``."""
+        bank = self.bank
+        cands = pooled_topk(bank.pooled_video(videos), bank.sentence, self.shortlist, videos,
+                            bank.text_to_video.cpu()).cpu()
+        sims = torch.cat([self.encoder.paired_similarity(bank.text(cands[c]), bank.video(videos[c])).cpu()
+                          for c in self._chunks(cands)])
+        return cands.gather(1, sims.topk(self.n_neg_v2t, dim=1).indices)
+
+    def _chunks(self, cands: torch.Tensor) -> list[slice]:
+        # ~64 MB of gathered candidate tokens per chunk (S x L x D fp32 per query)
+        width = max(self.bank.video_tokens.width, self.bank.text_tokens.width)
+        step = max(1, 2**24 // (cands.shape[1] * width * self.bank.sentence.shape[1]))
+        return [slice(i, i + step) for i in range(0, cands.shape[0], step)]
+
+    @torch.no_grad()
+    def recall(self, sample: int, seed: int) -> dict[str, float]:
+        """Shortlist recall against exact mining on ``sample`` random queries of each shortlisted
+        direction: the share of the exact hardest negatives the shortlist found."""
+        bank, g = self.bank, torch.Generator().manual_seed(seed)
+        out = {}
+        if not self.exact_t2v:
+            texts = torch.randperm(bank.num_texts, generator=g)[:sample]
+            sim = self.encoder.similarity(bank.text(texts), bank.video()).float().cpu()
+            exact = mine_candidate_pools(sim, bank.text_to_video.cpu()[texts], self.pool)
+            out["shortlist_recall_t2v"] = shortlist_recall(exact[:, 1:], self.t2v[texts][:, 1:])
+        if not self.exact_v2t:
+            videos = torch.randperm(bank.num_videos, generator=g)[:sample]
+            sim = torch.cat([self.encoder.similarity(bank.text(slice(r, r + self.block)), bank.video(videos)).float().cpu()
+                             for r in range(0, bank.num_texts, self.block)]).t()
+            sim = sim.masked_fill(bank.text_to_video.cpu()[None, :] == videos[:, None], float("-inf"))
+            exact = sim.topk(self.n_neg_v2t, dim=1).indices
+            out["shortlist_recall_v2t"] = shortlist_recall(exact, self.v2t_negatives[videos])
+        return out
 
     def sample(self, texts: torch.Tensor, videos: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Pools for caption queries ``texts`` and video queries ``videos`` (whose positive captions
@@ -189,7 +260,13 @@ def train_gen(ctx, encoder: RetrievalEncoder, bank: FeatureBank,
     samples = min(gen.batch_size, bank.num_videos) * ctx.dist.world_size
     topk = None
     if gen.mode == "topk":
-        topk = TopKPools(encoder, bank, cfg.eval.rerank_topk, cfg.eval.block)
+        topk = TopKPools(encoder, bank, cfg.eval.rerank_topk, cfg.eval.block, gen.shortlist)
+        recall = topk.recall(256, cfg.run.seed)
+        if recall:
+            ctx.log("gen", recall, step=0)
+            if ctx.dist.is_main:
+                print(f"stage gen mining: shortlist {gen.shortlist}, recall of the exact hardest negatives on 256 "
+                      f"queries: {', '.join(f'{k[-3:]} {v:.3f}' for k, v in recall.items())}")
     elif gen.mode != "reference":
         raise ValueError(f"stage.gen.mode must be 'topk' or 'reference', got {gen.mode!r}")
 
