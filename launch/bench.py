@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make `ops`, `launch` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-BENCHES = ("ops", "decode", "train", "learn", "stream", "gpu")  # modules under launch/benches; missing ones are skipped
+BENCHES = ("ops", "decode", "train", "learn", "stream", "gpu", "bank")  # modules under launch/benches; missing ones are skipped
 
 
 def build_parser() -> argparse.ArgumentParser:

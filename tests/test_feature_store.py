@@ -137,3 +137,22 @@ def test_store_dtype_names_are_checked():
     assert store.store_dtype("float16") is torch.float16
     with pytest.raises(ValueError, match="float16"):
         store.store_dtype("fp8")
+
+
+def test_stage_gen_reads_the_disk_bank_as_it_read_the_in_memory_one(encoder, synthetic_shards, tmp_path):
+    """Same pools, same loss for the same seed: what makes stage gen's figures those of the in-memory bank."""
+    from ops import alphas_cumprod
+    from trainer.models import build_generators
+    from trainer.stages.gen import GenerationTask, TopKPools, sample_pairs
+
+    disk = extract(encoder, synthetic_shards, tmp_path / "bank")
+    memory = encode_split(encoder, eval_loader(data_config(synthetic_shards), TINY, "train"), CaptionTokenizer(16),
+                          torch.device("cpu"), torch.float32, "memory", progress=False)
+    pools = [TopKPools(encoder, bank, pool=4) for bank in (disk, memory)]
+    assert torch.equal(pools[0].t2v, pools[1].t2v) and torch.equal(pools[0].v2t_negatives, pools[1].v2t_negatives)
+    losses = []
+    for bank, topk in zip((disk, memory), pools):
+        torch.manual_seed(0)
+        task = GenerationTask(build_generators(TINY), alphas_cumprod("cosine", 10), "kl", 100.0)
+        losses.append(task(bank, *topk.sample(*sample_pairs(bank, 8, torch.Generator().manual_seed(1))))[0])
+    assert torch.equal(losses[0], losses[1])

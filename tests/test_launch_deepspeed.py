@@ -83,6 +83,41 @@ def test_two_rank_stage_gen_from_the_con_checkpoint(two_rank_con, synthetic_corp
     assert payload["stages"] == ["gen"] and "gen_rerank" in payload["metrics"]
     assert "gen/loss" in metrics and "eval/gen_rerank/t2v_R1" in metrics
     assert (tmp_path / "run" / "gen.pt").is_file()
+    check_banks_extracted_once_across_ranks(tmp_path / "run", synthetic_shards)
+
+
+def check_banks_extracted_once_across_ranks(run_dir: Path, shards: Path) -> None:
+    """Each split's parts were encoded once, split over both ranks, and the bank is the one a single
+    rank extracts (row order is the shards', whatever the number of ranks)."""
+    from shards.index import read_index
+    from trainer.components.data import eval_loader
+    from trainer.components.distributed import DistInfo
+    from trainer.components.export import load_export, load_into
+    from trainer.components.extraction import extract_split
+    from trainer.components.feature_store import open_bank, store_dtype
+    from trainer.config import DataConfig, ModelConfig
+    from trainer.models import build_encoder
+
+    indexes = {json.loads(p.read_text())["key"]["split"]: p for p in (run_dir / "features").glob("*/index.json")}
+    assert set(indexes) == {"train", "test"}
+    for split, path in indexes.items():
+        index = json.loads(path.read_text())
+        names = [s["name"] for s in read_index(shards, split)["shards"]]
+        assert [p["shards"] for p in index["parts"]] == [[n] for n in names]  # data.num_workers=0: a shard a part
+        assert [p["rank"] for p in index["parts"]] == [i % 2 for i in range(len(names))]
+    train = json.loads(indexes["train"].read_text())
+    model = ModelConfig(**load_export(run_dir / "con.pt")["model_config"])
+    encoder = build_encoder(model, 4)
+    load_into(encoder, load_export(run_dir / "con.pt"), "encoder.", run_dir / "con.pt")
+    data = DataConfig(shards=str(shards), max_frames=4, max_words=16, eval_batch_size=8, num_workers=0)
+    one = extract_split(encoder.eval(), shard_names=[s["name"] for s in read_index(shards, "train")["shards"]],
+                        loader_for=lambda names: eval_loader(data, model, "train", names), max_words=16,
+                        shards_per_part=1, root=run_dir.parent / "one_rank", key=train["key"],
+                        dtype=store_dtype(train["key"]["dtype"]), dist=DistInfo(0, 1, 0, torch.device("cpu")),
+                        desc="one rank", progress=False, total_samples=train["total_samples"])
+    two = open_bank(indexes["train"].parent, torch.device("cpu"))
+    assert two.video_ids == one.video_ids and torch.equal(two.text_to_video, one.text_to_video)
+    assert torch.equal(two.text_tokens.x, one.text_tokens.x) and torch.equal(two.video_tokens.x, one.video_tokens.x)
 
 
 # --------------------------------------------------------------------------- spawned gloo ranks

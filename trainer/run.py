@@ -118,12 +118,15 @@ def split_features(ctx: RunContext, encoder, con_path: Path, split: str, dtype: 
            "dtype": dtype}
     index = read_index(cfg.data.shards, split)
     root = bank_dir(ctx.run_dir / "features", key)
-    bank = extract_split(encoder, shard_names=[s["name"] for s in index["shards"]],
-                         loader_for=lambda shards: eval_loader(cfg.data, cfg.model, split, shards),
-                         max_words=cfg.data.max_words, shards_per_part=cfg.data.num_workers, root=root, key=key,
-                         dtype=store_dtype(dtype), dist=ctx.dist, desc=desc,
-                         progress=cfg.run.progress and ctx.dist.is_main, total_samples=int(index["total_samples"]),
-                         reuse=cfg.stage.gen.cache_features)
+    # Each part's DataLoader draws a seed from the global RNG: without the fork, stage gen's
+    # initialisation and noise would depend on how many parts, ranks and loaders there were.
+    with torch.random.fork_rng(devices=[]):
+        bank = extract_split(encoder, shard_names=[s["name"] for s in index["shards"]],
+                             loader_for=lambda shards: eval_loader(cfg.data, cfg.model, split, shards),
+                             max_words=cfg.data.max_words, shards_per_part=cfg.data.num_workers, root=root, key=key,
+                             dtype=store_dtype(dtype), dist=ctx.dist, desc=desc,
+                             progress=cfg.run.progress and ctx.dist.is_main,
+                             total_samples=int(index["total_samples"]), reuse=cfg.stage.gen.cache_features)
     bank_index = read_bank_index(root)
     # What the split lost at read time: every sample the index lists is scored or counted.
     ctx.note_eval_data(split, bank_index["total_samples"], bank.num_videos, bank_index["counters"])

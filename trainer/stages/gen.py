@@ -97,10 +97,10 @@ class TopKPools:
         if not self.exact_v2t:
             v2t = torch.cat([self.v2t_shortlisted(torch.arange(r, min(r + block, n_videos)))
                              for r in range(0, n_videos, block)])
-        self.t2v = t2v  # [Nt, P]: video ids, the caption's own video first
+        self.t2v = t2v.to(bank.device)  # [Nt, P]: video ids, the caption's own video first
         # v2t: the positive column is filled per step (a random caption of the query video), the
         # negatives are the best captions of other videos.
-        self.v2t_negatives = v2t  # [Nv, P-1]
+        self.v2t_negatives = v2t.to(bank.device)  # [Nv, P-1]
 
     def _exact(self, t2v_video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bank, n_texts, n_videos = self.bank, self.bank.num_texts, self.bank.num_videos
@@ -156,14 +156,14 @@ class TopKPools:
             texts = torch.randperm(bank.num_texts, generator=g)[:sample]
             sim = self.encoder.similarity(bank.text(texts), bank.video()).float().cpu()
             exact = mine_candidate_pools(sim, bank.text_to_video.cpu()[texts], self.pool)
-            out["shortlist_recall_t2v"] = shortlist_recall(exact[:, 1:], self.t2v[texts][:, 1:])
+            out["shortlist_recall_t2v"] = shortlist_recall(exact[:, 1:], self.t2v.cpu()[texts][:, 1:])
         if not self.exact_v2t:
             videos = torch.randperm(bank.num_videos, generator=g)[:sample]
             sim = torch.cat([self.encoder.similarity(bank.text(slice(r, r + self.block)), bank.video(videos)).float().cpu()
                              for r in range(0, bank.num_texts, self.block)]).t()
             sim = sim.masked_fill(bank.text_to_video.cpu()[None, :] == videos[:, None], float("-inf"))
             exact = sim.topk(self.n_neg_v2t, dim=1).indices
-            out["shortlist_recall_v2t"] = shortlist_recall(exact, self.v2t_negatives[videos])
+            out["shortlist_recall_v2t"] = shortlist_recall(exact, self.v2t_negatives.cpu()[videos])
         return out
 
     def sample(self, texts: torch.Tensor, videos: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -195,7 +195,7 @@ def global_batch(text_idx: torch.Tensor, video_idx: torch.Tensor) -> tuple[torch
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return text_idx, video_idx, torch.arange(n)
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    gathered = [torch.empty(2, n, dtype=torch.long) for _ in range(world)]
+    gathered = [torch.empty(2, n, dtype=torch.long, device=text_idx.device) for _ in range(world)]
     torch.distributed.all_gather(gathered, torch.stack([text_idx, video_idx]))
     both = torch.cat(gathered, dim=1)
     return both[0], both[1], torch.arange(rank * n, (rank + 1) * n)
@@ -203,6 +203,7 @@ def global_batch(text_idx: torch.Tensor, video_idx: torch.Tensor) -> tuple[torch
 
 def generation_step(engine, encoder: RetrievalEncoder, bank: FeatureBank, pairs: tuple[torch.Tensor, torch.Tensor],
                     pool_size: int, topk: TopKPools | None) -> dict[str, float]:
+    pairs = tuple(p.to(bank.device) for p in pairs)  # drawn on the CPU generator; the bank reads onto its device
     if topk is not None:
         pools = topk.sample(*pairs)
     else:
