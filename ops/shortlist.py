@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ops.wti import _acc_dtype, _masked
 
-__all__ = ["pooled_topk", "shortlist_recall", "wti_paired"]
+__all__ = ["pooled_topk", "shortlist_recall", "top_per_key", "wti_paired"]
 
 
 @torch.no_grad()
@@ -74,6 +74,26 @@ def pooled_topk(query: Tensor, candidates: Tensor, k: int, query_group: Tensor, 
             best_i = torch.cat([best_i, ids], 1).gather(1, pick)
         out[q0:q0 + block] = best_i
     return out
+
+
+@torch.no_grad()
+def top_per_key(keys: Tensor, items: Tensor, scores: Tensor, num_keys: int, k: int) -> tuple[Tensor, Tensor]:
+    """For each key in [0, num_keys), the ``k`` (item, score) pairs of highest score among the flat
+    pairs given (keys, items, scores: [n] each), best first. Returns (items [num_keys, k] long, -1
+    where a key has fewer pairs; scores [num_keys, k], -inf there). Two sorts, no dense matrix:
+    what inverts per-caption shortlists into per-video ones."""
+    order = scores.argsort(descending=True)
+    order = order[keys[order].argsort(stable=True)]  # grouped by key, best first within a key
+    k_sorted = keys[order]
+    counts = torch.bincount(k_sorted, minlength=num_keys)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(k_sorted.shape[0], device=keys.device) - starts[k_sorted]
+    keep = rank < k
+    out_items = torch.full((num_keys, k), -1, dtype=torch.long, device=keys.device)
+    out_scores = torch.full((num_keys, k), float("-inf"), dtype=scores.dtype, device=keys.device)
+    out_items[k_sorted[keep], rank[keep]] = items[order][keep].long()
+    out_scores[k_sorted[keep], rank[keep]] = scores[order][keep]
+    return out_items, out_scores
 
 
 def shortlist_recall(exact: Tensor, approx: Tensor) -> float:

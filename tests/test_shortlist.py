@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ops import pooled_topk, shortlist_recall, wti_paired, wti_similarity
+from ops import pooled_topk, shortlist_recall, top_per_key, wti_paired, wti_similarity
 from tests.support import TINY
 from tests.test_generation_task import bank_from_encoder
 from trainer.models import build_encoder
@@ -63,10 +63,35 @@ def test_a_short_shortlist_still_gives_valid_pools_and_reports_its_recall():
     encoder = build_encoder(TINY, max_frames=4).requires_grad_(False).eval()
     bank = bank_from_encoder(encoder, n_videos=12)
     pools = TopKPools(encoder, bank, pool=4, shortlist=5)
-    assert not pools.exact_t2v and not pools.exact_v2t
+    assert not pools.exact
     assert torch.equal(pools.t2v[:, 0], bank.text_to_video)  # own video first
     assert not (pools.t2v[:, 1:] == bank.text_to_video[:, None]).any()
     assert not (bank.text_to_video[pools.v2t_negatives] == torch.arange(12)[:, None]).any()
     recall = pools.recall(sample=8, seed=0)
     assert set(recall) == {"shortlist_recall_t2v", "shortlist_recall_v2t"}
     assert all(0.0 <= v <= 1.0 for v in recall.values())
+
+
+def test_top_per_key_equals_brute_force():
+    g = torch.Generator().manual_seed(2)
+    keys, items, scores = torch.randint(0, 5, (40,), generator=g), torch.arange(40), torch.randn(40, generator=g)
+    got_items, got_scores = top_per_key(keys, items, scores, num_keys=6, k=3)
+    for key in range(6):
+        mine = scores.masked_fill(keys != key, float("-inf"))
+        n = min(3, int((keys == key).sum()))
+        want = mine.topk(n).indices
+        assert torch.equal(got_items[key, :n], items[want]) and torch.equal(got_scores[key, :n], scores[want])
+        assert (got_items[key, n:] == -1).all()  # key 5 has no pairs
+
+
+def test_inverting_the_t2v_scores_finds_v2t_negatives_and_compacting_changes_nothing(monkeypatch):
+    encoder = build_encoder(TINY, max_frames=4).requires_grad_(False).eval()
+    bank = bank_from_encoder(encoder, n_videos=16)
+    exact = TopKPools(encoder, bank, pool=4, shortlist=0)
+    short = TopKPools(encoder, bank, pool=4, block=4, shortlist=5)
+    pooled_only = short.v2t_shortlisted(torch.arange(16))
+    recall = lambda v2t: shortlist_recall(exact.v2t_negatives, v2t)  # noqa: E731
+    assert recall(short.v2t_negatives) >= recall(pooled_only)  # the inverted scores only add candidates
+    monkeypatch.setattr(TopKPools, "invert_slack", 0)  # compact after every block
+    again = TopKPools(encoder, bank, pool=4, block=4, shortlist=5)
+    assert torch.equal(again.v2t_negatives, short.v2t_negatives) and torch.equal(again.t2v, short.t2v)

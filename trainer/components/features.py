@@ -141,6 +141,14 @@ class FeatureBank:
         frames, weights, _ = self.video_tokens.read(idx)
         return self._out(F.normalize(torch.einsum("...f,...fd->...d", weights, frames), dim=-1))
 
+    def pooled_table(self) -> torch.Tensor:
+        """[Nv, D] ``pooled_video`` of every video as stored (memory-mapped: read block by block by
+        ``ops.pooled_topk``), or computed once when the bank has none."""
+        if self.video_pooled is None:
+            self.video_pooled = torch.cat([self.pooled_video(slice(i, i + 4096)).cpu()
+                                           for i in range(0, self.num_videos, 4096)])
+        return self.video_pooled
+
     def caption_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(caption ids ordered by video, first position of each video's captions, captions per video)."""
         if getattr(self, "_caption_table", None) is None:

@@ -14,7 +14,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from ops import alphas_cumprod, mine_candidate_pools, pooled_topk, q_sample, shortlist_recall
+from ops import alphas_cumprod, mine_candidate_pools, pooled_topk, q_sample, shortlist_recall, top_per_key
 from trainer.components.checkpoint import ResumePoint
 from trainer.components.engine import build_engine
 from trainer.components.export import export_stage
@@ -76,10 +76,12 @@ class TopKPools:
     (P = eval.rerank_topk), computed once; a query's pool is its positive and its P - 1 hardest
     negatives (other captions of the same video are never negatives).
 
-    Exact (``shortlist`` <= 0 or >= the candidates of a direction): WTI of every pair, in caption
+    Exact (``shortlist`` <= 0 or >= the videos): WTI of every pair, in caption
     blocks against all videos held once in memory. Shortlisted: per query, the ``shortlist`` best
     candidates by pooled features (``ops.pooled_topk``, bank read block by block), then exact WTI
     on those alone (``ops.wti_paired``): memory flat in the bank size, S WTI pairs per query."""
+
+    invert_slack = 2**20  # pairs gathered before the inverted top-k is compacted (bounds its memory)
 
     def __init__(self, encoder: RetrievalEncoder, bank: FeatureBank, pool: int, block: int = 256, shortlist: int = 0):
         self.encoder, self.bank, self.block = encoder, bank, block
@@ -88,14 +90,13 @@ class TopKPools:
         n_texts, n_videos = bank.num_texts, bank.num_videos
         self.pool = min(pool, n_videos)
         self.n_neg_v2t = min(self.pool - 1, n_texts - int(torch.bincount(t2v_video).max()))
-        self.exact_t2v = shortlist <= 0 or shortlist >= n_videos - 1
-        self.exact_v2t = shortlist <= 0 or shortlist >= n_texts - int(torch.bincount(t2v_video).max())
-        t2v, v2t = self._exact(t2v_video) if self.exact_t2v or self.exact_v2t else (None, None)
-        if not self.exact_t2v:
-            t2v = torch.cat([self.t2v_shortlisted(torch.arange(r, min(r + block, n_texts)))
-                             for r in range(0, n_texts, block)])
-        if not self.exact_v2t:
-            v2t = torch.cat([self.v2t_shortlisted(torch.arange(r, min(r + block, n_videos)))
+        # One full WTI pass gives both directions exactly: worth it while the shortlist would not be shorter.
+        self.exact = shortlist <= 0 or shortlist >= n_videos - 1
+        if self.exact:
+            t2v, v2t = self._exact(t2v_video)
+        else:
+            t2v, inverted = self._t2v_and_inverted(n_texts)
+            v2t = torch.cat([self.v2t_shortlisted(torch.arange(r, min(r + block, n_videos)), inverted)
                              for r in range(0, n_videos, block)])
         self.t2v = t2v.to(bank.device)  # [Nt, P]: video ids, the caption's own video first
         # v2t: the positive column is filled per step (a random caption of the query video), the
@@ -120,24 +121,62 @@ class TopKPools:
         return torch.cat(t2v), best_i
 
     @torch.no_grad()
-    def t2v_shortlisted(self, texts: torch.Tensor) -> torch.Tensor:
-        """[n, P] pools of the captions ``texts``: their video, then their hardest shortlisted videos."""
+    def _t2v_scored(self, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(own video [n], shortlisted videos [n, S], their exact WTI [n, S]) of the captions ``texts``."""
         bank = self.bank
         own = bank.text_to_video.cpu()[texts]
-        cands = pooled_topk(bank.sentence[texts], bank.pooled_video(), self.shortlist, own,
+        cands = pooled_topk(bank.sentence[texts], bank.pooled_table(), self.shortlist, own,
                             torch.arange(bank.num_videos)).cpu()
         sims = torch.cat([self.encoder.paired_similarity(bank.text(texts[c]), bank.video(cands[c])).cpu()
                           for c in self._chunks(cands)])
+        return own, cands, sims
+
+    def t2v_shortlisted(self, texts: torch.Tensor) -> torch.Tensor:
+        """[n, P] pools of the captions ``texts``: their video, then their hardest shortlisted videos."""
+        own, cands, sims = self._t2v_scored(texts)
         return torch.cat([own[:, None], cands.gather(1, sims.topk(self.pool - 1, dim=1).indices)], dim=1)
 
+    def _t2v_and_inverted(self, n_texts: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Every caption's pool, and the same exact scores inverted: for each video, the best
+        captions whose shortlist held it (WTI is one score for both directions, so a caption that
+        ranks a video high is a hard v2t negative of it; this recovers what the pooled v2t first
+        stage misses). The inversion is kept to a running top-(P-1) per video (``ops.top_per_key``)."""
+        n_videos, k = self.bank.num_videos, self.n_neg_v2t
+        pools, keys, items, scores = [], [], [], []
+        held, cap = 0, 2 * n_videos * k + self.invert_slack
+        best = (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0))
+        for r0 in range(0, n_texts, self.block):
+            texts = torch.arange(r0, min(r0 + self.block, n_texts))
+            own, cands, sims = self._t2v_scored(texts)
+            pools.append(torch.cat([own[:, None], cands.gather(1, sims.topk(self.pool - 1, dim=1).indices)], dim=1))
+            keys.append(cands.reshape(-1))
+            items.append(texts[:, None].expand_as(cands).reshape(-1))
+            scores.append(sims.reshape(-1))
+            held += cands.numel()
+            if held > cap or r0 + self.block >= n_texts:
+                top_items, top_scores = top_per_key(torch.cat([best[0], *keys]), torch.cat([best[1], *items]),
+                                                    torch.cat([best[2], *scores]), n_videos, k)
+                found = top_items >= 0
+                best = (torch.arange(n_videos)[:, None].expand_as(top_items)[found], top_items[found], top_scores[found])
+                keys, items, scores, held = [], [], [], int(found.sum())
+        return torch.cat(pools), (top_items, top_scores)
+
     @torch.no_grad()
-    def v2t_shortlisted(self, videos: torch.Tensor) -> torch.Tensor:
-        """[n, P-1] the hardest shortlisted captions of other videos for each of ``videos``."""
+    def v2t_shortlisted(self, videos: torch.Tensor,
+                        inverted: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """[n, P-1] the hardest shortlisted captions of other videos for each of ``videos``: the pooled
+        first stage's shortlist scored by exact WTI, merged with ``inverted`` (the t2v pass's exact
+        scores per video, ``_t2v_and_inverted``) when given."""
         bank = self.bank
         cands = pooled_topk(bank.pooled_video(videos), bank.sentence, self.shortlist, videos,
                             bank.text_to_video.cpu()).cpu()
         sims = torch.cat([self.encoder.paired_similarity(bank.text(cands[c]), bank.video(videos[c])).cpu()
                           for c in self._chunks(cands)])
+        if inverted is not None:
+            inv_items, inv_scores = inverted[0][videos], inverted[1][videos]
+            dup = (inv_items[:, :, None] == cands[:, None, :]).any(dim=2) | (inv_items < 0)
+            cands = torch.cat([cands, inv_items.clamp(min=0)], dim=1)
+            sims = torch.cat([sims, inv_scores.masked_fill(dup, float("-inf"))], dim=1)
         return cands.gather(1, sims.topk(self.n_neg_v2t, dim=1).indices)
 
     def _chunks(self, cands: torch.Tensor) -> list[slice]:
@@ -152,12 +191,13 @@ class TopKPools:
         direction: the share of the exact hardest negatives the shortlist found."""
         bank, g = self.bank, torch.Generator().manual_seed(seed)
         out = {}
-        if not self.exact_t2v:
+        if not self.exact:
             texts = torch.randperm(bank.num_texts, generator=g)[:sample]
-            sim = self.encoder.similarity(bank.text(texts), bank.video()).float().cpu()
+            query = bank.text(texts)
+            sim = torch.cat([self.encoder.similarity(query, bank.video(slice(v, v + self.block))).float().cpu()
+                             for v in range(0, bank.num_videos, self.block)], dim=1)
             exact = mine_candidate_pools(sim, bank.text_to_video.cpu()[texts], self.pool)
             out["shortlist_recall_t2v"] = shortlist_recall(exact[:, 1:], self.t2v.cpu()[texts][:, 1:])
-        if not self.exact_v2t:
             videos = torch.randperm(bank.num_videos, generator=g)[:sample]
             sim = torch.cat([self.encoder.similarity(bank.text(slice(r, r + self.block)), bank.video(videos)).float().cpu()
                              for r in range(0, bank.num_texts, self.block)]).t()
