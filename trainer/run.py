@@ -120,6 +120,8 @@ def split_features(ctx: RunContext, encoder, con_path: Path, split: str, dtype: 
     root = bank_dir(ctx.run_dir / "features", key)
     # Each part's DataLoader draws a seed from the global RNG: without the fork, stage gen's
     # initialisation and noise would depend on how many parts, ranks and loaders there were.
+    # After it, one draw per split, as when a split was one DataLoader: stage gen's random stream,
+    # and so its figures, stay those of earlier versions (same seed, same machine).
     with torch.random.fork_rng(devices=[]):
         bank = extract_split(encoder, shard_names=[s["name"] for s in index["shards"]],
                              loader_for=lambda shards: eval_loader(cfg.data, cfg.model, split, shards),
@@ -127,6 +129,7 @@ def split_features(ctx: RunContext, encoder, con_path: Path, split: str, dtype: 
                              dtype=store_dtype(dtype), dist=ctx.dist, desc=desc,
                              progress=cfg.run.progress and ctx.dist.is_main,
                              total_samples=int(index["total_samples"]), reuse=cfg.stage.gen.cache_features)
+    torch.empty((), dtype=torch.int64).random_()
     bank_index = read_bank_index(root)
     # What the split lost at read time: every sample the index lists is scored or counted.
     ctx.note_eval_data(split, bank_index["total_samples"], bank.num_videos, bank_index["counters"])
