@@ -133,7 +133,9 @@ class TopKPools:
 
     def t2v_shortlisted(self, texts: torch.Tensor) -> torch.Tensor:
         """[n, P] pools of the captions ``texts``: their video, then their hardest shortlisted videos."""
-        own, cands, sims = self._t2v_scored(texts)
+        return self._t2v_pools(*self._t2v_scored(texts))
+
+    def _t2v_pools(self, own: torch.Tensor, cands: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
         return torch.cat([own[:, None], cands.gather(1, sims.topk(self.pool - 1, dim=1).indices)], dim=1)
 
     def _t2v_and_inverted(self, n_texts: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -148,7 +150,7 @@ class TopKPools:
         for r0 in range(0, n_texts, self.block):
             texts = torch.arange(r0, min(r0 + self.block, n_texts))
             own, cands, sims = self._t2v_scored(texts)
-            pools.append(torch.cat([own[:, None], cands.gather(1, sims.topk(self.pool - 1, dim=1).indices)], dim=1))
+            pools.append(self._t2v_pools(own, cands, sims))
             keys.append(cands.reshape(-1))
             items.append(texts[:, None].expand_as(cands).reshape(-1))
             scores.append(sims.reshape(-1))
