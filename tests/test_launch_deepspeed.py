@@ -106,14 +106,17 @@ def check_banks_extracted_once_across_ranks(run_dir: Path, shards: Path) -> None
         assert [p["shards"] for p in index["parts"]] == [[n] for n in names]  # data.num_workers=0: a shard a part
         assert [p["rank"] for p in index["parts"]] == [i % 2 for i in range(len(names))]
     train = json.loads(indexes["train"].read_text())
-    model = ModelConfig(**load_export(run_dir / "con.pt")["model_config"])
-    encoder = build_encoder(model, 4)
-    load_into(encoder, load_export(run_dir / "con.pt"), "encoder.", run_dir / "con.pt")
-    data = DataConfig(shards=str(shards), max_frames=4, max_words=16, eval_batch_size=8, num_workers=0)
+    con = Path(train["key"]["encoder"]["path"])  # the stage-con export the run started from
+    model = ModelConfig(**load_export(con)["model_config"])
+    key = train["key"]
+    encoder = build_encoder(model, key["max_frames"])
+    load_into(encoder, load_export(con), "encoder.", con)
+    data = DataConfig(shards=str(shards), max_frames=key["max_frames"], max_words=key["max_words"],
+                      sample_fps=key["sample_fps"], eval_batch_size=8, num_workers=0)
     one = extract_split(encoder.eval(), shard_names=[s["name"] for s in read_index(shards, "train")["shards"]],
-                        loader_for=lambda names: eval_loader(data, model, "train", names), max_words=16,
-                        shards_per_part=1, root=run_dir.parent / "one_rank", key=train["key"],
-                        dtype=store_dtype(train["key"]["dtype"]), dist=DistInfo(0, 1, 0, torch.device("cpu")),
+                        loader_for=lambda names: eval_loader(data, model, "train", names), max_words=key["max_words"],
+                        shards_per_part=1, root=run_dir.parent / "one_rank", key=key, dtype=store_dtype(key["dtype"]),
+                        dist=DistInfo(0, 1, 0, torch.device("cpu")),
                         desc="one rank", progress=False, total_samples=train["total_samples"])
     two = open_bank(indexes["train"].parent, torch.device("cpu"))
     assert two.video_ids == one.video_ids and torch.equal(two.text_to_video, one.text_to_video)
