@@ -27,8 +27,9 @@ from typing import Any, Iterator
 import numpy as np
 import ray
 
+from shards.cache import ShardCache
 from shards.index import read_index
-from shards.storage import join
+from shards.storage import is_url, join
 from shards.tarread import Members, shard_samples
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,16 @@ class SkipCounter:
         return dict(self.counts)
 
 
-def read_shard_samples(row: dict[str, Any], counter, max_frames: int, sample_fps: float) -> Iterator[dict[str, Any]]:
+def read_shard_samples(row: dict[str, Any], counter, max_frames: int, sample_fps: float,
+                       cache: ShardCache | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (``key``, ``video`` bytes, ``meta`` JSON text) of the shard at ``row["path"]``, which
     its index says holds ``row["samples"]``; damage goes to ``counter`` (``shards.tarread.shard_samples``).
     Frame shards: ``frames``, only the JPEGs the clip trains on (``shards.frames.pick_positions``), so
     the rest never cross to the decode actors; ``video`` is then empty."""
     path = row["path"]
     members = Members.from_index(row)  # row["members"]: Members.to_json()
-    for sample in shard_samples(path, path, row["samples"], lambda kind: counter.add.remote(kind), members):
+    for sample in shard_samples(path, path, row["samples"], lambda kind: counter.add.remote(kind), members,
+                                cache if is_url(path) else None):
         out = {"key": sample["__key__"], "video": sample.get("video", b""), "meta": sample["json"].decode("utf-8"),
                "frames": []}
         if "frames" in sample:
@@ -140,6 +143,7 @@ def ray_dataset(
     sample_fps: float,
     num_actors: int,
     use_gpu: bool = False,
+    cache: ShardCache | None = None,  # each node's local copies of remote shards (data.cache_dir)
 ) -> "ray.data.Dataset":
     """The decoded samples of a packed split as a lazy ``ray.data.Dataset`` (see module doc).
     Needs ``ray.init()`` first; the cluster needs ``num_actors`` CPUs (GPUs with ``use_gpu``) for
@@ -151,7 +155,8 @@ def ray_dataset(
              for s in index["shards"]]
     dataset = (
         ray.data.from_items(paths, override_num_blocks=len(paths))
-        .flat_map(read_shard_samples, fn_kwargs={"counter": counter, "max_frames": max_frames, "sample_fps": sample_fps})
+        .flat_map(read_shard_samples, fn_kwargs={"counter": counter, "max_frames": max_frames, "sample_fps": sample_fps,
+                                              "cache": cache})
         .map_batches(
             DecodeClips,
             fn_constructor_kwargs=dict(max_frames=max_frames, image_size=image_size, sample_fps=sample_fps,

@@ -141,22 +141,29 @@ def open_stream(url: str, block_size: int = 8 * 2**20):
     return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
 
 
+def _streamed(url: str, read_members: Callable[[object], Iterator[dict]]) -> Iterator[dict]:
+    with open_stream(url) as f:
+        yield from read_members(f)
+
+
 def resumable_members(url: str, read_members: Callable[[object], Iterator[dict]],
-                      retries: int = RETRIES) -> Iterator[dict]:
+                      retries: int = RETRIES, cache=None) -> Iterator[dict]:
     """``read_members(file)``'s members of ``url``, exactly once each: a transfer that breaks
     mid-way is reopened (with backoff) and the members already yielded are skipped, so a flaky
-    network neither loses nor repeats a sample. Not-found / denied raise at once."""
+    network neither loses nor repeats a sample. Not-found / denied raise at once. With ``cache``
+    (``shards.cache.ShardCache``) each transfer is teed into it; only a complete one is kept."""
     done, failures = 0, 0
     while True:
         seen = 0
         try:
-            with open_stream(url) as f:
-                for member in read_members(f):
-                    seen += 1
-                    if seen <= done:
-                        continue
-                    done = seen
-                    yield member
+            members = (cache.filled(url, read_members, lambda: open_stream(url)) if cache is not None
+                       else _streamed(url, read_members))
+            for member in members:
+                seen += 1
+                if seen <= done:
+                    continue
+                done = seen
+                yield member
             return
         except Exception as exn:  # noqa: BLE001 - classified by transient()
             if failures == retries or not transient(exn):

@@ -35,6 +35,7 @@ from typing import Iterator
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from shards.cache import ShardCache
 from shards.decode import ClipTransform
 from shards.frames import sampled_frames
 from shards.index import read_index
@@ -75,6 +76,7 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         samples_per_rank: int | None = None,
         shards: list[str] | None = None,
+        cache: ShardCache | None = None,  # local copies of remote shards (data.cache_dir)
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -90,7 +92,8 @@ class ShardStream(IterableDataset):
             self.shard_names = list(shards)
         self.total_samples = sum(self.shard_sizes[name] for name in self.shard_names)
         self.members = Members.from_index(self.index)
-        check_members(join(self.shard_dir, self.shard_names[0]), self.members)
+        self.cache = cache if is_url(self.shard_dir) else None
+        check_members(join(self.shard_dir, self.shard_names[0]), self.members, self.cache)
         self.max_frames, self.image_size, self.sample_fps = max_frames, image_size, sample_fps
         self.training, self.seed, self.shuffle_buffer = training, seed, shuffle_buffer
         self.rank, self.world_size = rank, world_size
@@ -173,7 +176,7 @@ class ShardStream(IterableDataset):
         """Raw samples (``__key__``, ``mp4``, ``json`` bytes) of one shard; damage is counted in
         ``counters`` and skipped (``shards.tarread.shard_samples``)."""
         yield from shard_samples(join(self.shard_dir, name), name, self.shard_sizes[name], self._count_skip,
-                                 self.members)
+                                 self.members, self.cache)
 
     def _count_skip(self, kind: str) -> None:
         self.counters[kind] = self.counters.get(kind, 0) + 1

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import webdataset as wds
 
+from shards.cache import ShardCache
 from shards.storage import is_url, local_path, redact, resumable_members
 
 log = logging.getLogger(__name__)
@@ -152,14 +153,18 @@ def _streamed_members(f, url: str) -> Iterator[dict]:
             yield {"fname": info.name, "data": data, "__url__": url}
 
 
-def tar_members(path: str | Path, url: str) -> Iterator[dict]:
+def tar_members(path: str | Path, url: str, cache: ShardCache | None = None) -> Iterator[dict]:
     """``{"fname", "data", "__url__": url}`` for each regular file in the tar at ``path`` (a local
-    path, or an fsspec URL read as a resumable stream: ``shards.storage``), in order.
+    path, or an fsspec URL read as a resumable stream: ``shards.storage``; from ``cache``'s local
+    copy once it holds one), in order.
     A member cut short by truncation raises ``EOFError`` after the complete ones; a damaged
     header raises ``tarfile.ReadError``."""
     if is_url(path):
-        yield from resumable_members(str(path), lambda f: _streamed_members(f, url))
-        return
+        cached = cache.hit(str(path)) if cache is not None else None
+        if cached is None:
+            yield from resumable_members(str(path), lambda f: _streamed_members(f, url), cache=cache)
+            return
+        path = cached
     with open(local_path(path), "rb", buffering=0) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for info in tar:  # headers are parsed lazily, one per step
             if not info.isreg():
@@ -176,7 +181,7 @@ def tar_members(path: str | Path, url: str) -> Iterator[dict]:
 
 
 def shard_samples(path: str | Path, url: str, expected: int, skipped: Callable[[str], None],
-                  members: Members = Members()) -> Iterator[dict]:
+                  members: Members = Members(), cache: ShardCache | None = None) -> Iterator[dict]:
     """Complete samples (``__key__``, ``video``, ``json``, ``__url__``) of the shard at ``path``, which
     its index says holds ``expected``. Damage is logged and reported as ``skipped(kind)``, never
     raised: ``incomplete_sample`` (no video member or no captions), ``corrupt_shard`` (a truncated or
@@ -184,7 +189,7 @@ def shard_samples(path: str | Path, url: str, expected: int, skipped: Callable[[
     (a tar cut exactly between members reads as a valid, shorter tar: only the index can tell)."""
     read = 0
     try:
-        for sample in wds.tariterators.group_by_keys(tar_members(path, url)):
+        for sample in wds.tariterators.group_by_keys(tar_members(path, url, cache)):
             read += 1
             normal = members.normalise(sample)
             if isinstance(normal, str):
@@ -206,13 +211,13 @@ def shard_samples(path: str | Path, url: str, expected: int, skipped: Callable[[
                     "shards.index.verify_split on its folder and re-pack the split", redact(str(path)), read, expected)
 
 
-def check_members(path: str | Path, members: Members) -> None:
+def check_members(path: str | Path, members: Members, cache: ShardCache | None = None) -> None:
     """Read the first sample of the shard at ``path`` and raise :class:`ShardMembersMissing` when it
     lacks what ``members`` needs: a shard written by another tool and listed in a hand-written
     index fails here, in one line, not as a KeyError deep in a DataLoader worker. A missing or
     damaged shard is left to ``shard_samples``, which counts and skips it."""
     try:
-        first = next(iter(wds.tariterators.group_by_keys(tar_members(path, str(path)))), None)
+        first = next(iter(wds.tariterators.group_by_keys(tar_members(path, str(path), cache))), None)
     except Exception:  # noqa: BLE001 - damaged, missing, unreachable: shard_samples counts and skips it
         return
     if first is None:

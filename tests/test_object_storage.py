@@ -138,3 +138,33 @@ def test_http_shards_stream_as_local_ones(http_shards, synthetic_shards) -> None
 def test_credentials_in_urls_are_redacted() -> None:
     assert storage.redact("https://user:s3cret@host/x/{0..9}.tar") == "https://***@host/x/{0..9}.tar"
     assert storage.redact("s3://bucket/key") == "s3://bucket/key"
+
+
+def test_a_cached_split_is_streamed_once_then_read_from_local_disk(http_shards, synthetic_shards, tmp_path) -> None:
+    from shards.cache import ShardCache
+
+    base, faults = http_shards
+    cache = ShardCache(str(tmp_path / "cache"), 2**30)
+    names = [s["name"] for s in read_index(synthetic_shards, "test")["shards"]]
+    assert samples_of(base, cache=cache) == samples_of(synthetic_shards)
+    for name in names:  # each cached file is the whole object, byte for byte
+        assert cache.path(f"{base}/{name}").read_bytes() == (synthetic_shards / name).read_bytes()
+    for name in names:
+        faults[name] = ["503"] * 20  # the server now refuses every shard: only the cache can answer
+    assert samples_of(base, cache=cache) == samples_of(synthetic_shards)
+    assert all(len(faults[name]) == 20 for name in names)  # no shard was requested
+
+
+def test_a_broken_transfer_is_never_cached_partially_and_the_cache_stays_in_its_bound(http_shards, synthetic_shards,
+                                                                                         tmp_path) -> None:
+    from shards.cache import ShardCache
+
+    base, faults = http_shards
+    names = [s["name"] for s in read_index(synthetic_shards, "test")["shards"]]
+    sizes = [(synthetic_shards / n).stat().st_size for n in names]
+    cache = ShardCache(str(tmp_path / "cache"), max(sizes) + 1)  # room for one shard
+    faults[names[0]] = ["cut"]  # breaks half way: the retry streams it again, from the start
+    assert samples_of(base, cache=cache) == samples_of(synthetic_shards)
+    kept = sorted((tmp_path / "cache").iterdir())
+    assert [p.suffix for p in kept] == [".tar"]  # no partial file left, one shard within the bound
+    assert kept[0].read_bytes() == (synthetic_shards / names[-1]).read_bytes()  # the most recently read

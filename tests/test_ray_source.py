@@ -45,6 +45,19 @@ def _stream_keys(shard_dir, split) -> tuple[dict[str, list[str]], dict[str, int]
     return {s["key"]: s["captions"] for s in stream}, stream.counters
 
 
+def test_ray_data_reads_s3_shards_through_the_node_cache(s3_shards, ray_cluster, synthetic_shards, tmp_path) -> None:
+    """First in the module: the s3 fixture's AWS_* environment exists before the cluster's workers."""
+    from shards.cache import ShardCache
+
+    cache = ShardCache(str(tmp_path / "cache"), 2**30)
+    rows = ray_dataset(s3_shards, "test", num_actors=1, cache=cache, **OPTS).take_all()
+    expected, _ = _stream_keys(synthetic_shards, "test")
+    assert sorted(r["key"] for r in rows) == sorted(expected)
+    cached = sorted(p.read_bytes() for p in (tmp_path / "cache").glob("*.tar"))
+    local = sorted(p.read_bytes() for p in synthetic_shards.glob("test-*.tar"))
+    assert cached == local  # every shard cached whole, on the (one) node that read it
+
+
 def test_rows_match_index_shapes_and_captions(ray_cluster, synthetic_shards) -> None:
     ds = ray_dataset(synthetic_shards, "train", num_actors=2, **OPTS)
     decoded = ds.materialize()  # one execution serves both the row checks and the batches

@@ -92,6 +92,10 @@ class DataConfig:
     eval_batch_size: int = 64
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    # Remote shards (data.shards=s3://...) are kept here once read whole, for later epochs and
+    # runs; at most cache_gb, least recently read evicted first; "" = always stream.
+    cache_dir: str = ""
+    cache_gb: float = 50.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     webdataset: WebDatasetConfig = field(default_factory=WebDatasetConfig)

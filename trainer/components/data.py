@@ -17,6 +17,7 @@ from shards.external import expand_shards, index_webdataset
 from shards.index import ShardsNotFound, VerifyReport, index_path, read_index, verify_split
 from shards.manifest import ManifestCorpus
 from shards.probe import FrameSpec, Transcode
+from shards.cache import ShardCache
 from shards.counting import generate_counting_corpus
 from shards.synthetic import generate_synthetic_corpus
 from shards.tarread import Members
@@ -171,6 +172,11 @@ class TrainSource(Protocol):
 TrainSourceFactory = Callable[[DataConfig, ModelConfig, DistInfo, int], TrainSource]
 
 
+def shard_cache(data: DataConfig) -> ShardCache | None:
+    """``data.cache_dir`` as the streams' cache of remote shards (None: stream every time)."""
+    return ShardCache(str(Path(data.cache_dir).resolve()), int(data.cache_gb * 2**30)) if data.cache_dir else None
+
+
 def local_train_source(data: DataConfig, model: ModelConfig, dist: DistInfo, seed: int) -> "StreamLoader":
     """This rank's part of the train split, read by ``ShardStream`` in DataLoader workers."""
     from shards.loader import build_loader
@@ -178,7 +184,8 @@ def local_train_source(data: DataConfig, model: ModelConfig, dist: DistInfo, see
 
     stream = ShardStream(data.shards, data.train_split, max_frames=data.max_frames,
                          image_size=model.image_size, sample_fps=data.sample_fps, training=True, seed=seed,
-                         shuffle_buffer=data.shuffle_buffer, rank=dist.rank, world_size=dist.world_size)
+                         shuffle_buffer=data.shuffle_buffer, rank=dist.rank, world_size=dist.world_size,
+                         cache=shard_cache(data))
     return build_loader(stream, batch_size=data.batch_size, max_words=data.max_words,
                         num_workers=data.num_workers, training=True, seed=seed, normalise=False)
 
@@ -190,7 +197,7 @@ def eval_loader(data: DataConfig, model: ModelConfig, split: str, shards: list[s
     from shards.stream import ShardStream
 
     stream = ShardStream(data.shards, split, max_frames=data.max_frames, image_size=model.image_size,
-                         sample_fps=data.sample_fps, training=False, shards=shards)
+                         sample_fps=data.sample_fps, training=False, shards=shards, cache=shard_cache(data))
     return build_loader(stream, batch_size=data.eval_batch_size, max_words=data.max_words,
                         num_workers=data.num_workers, training=False, seed=0, normalise=False)
 

@@ -121,7 +121,7 @@ def launch_ray(dcfg) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from shards.ray_source import ray_dataset
-    from trainer.components.data import ensure_shards
+    from trainer.components.data import ensure_shards, shard_cache
     from trainer.components.rundir import claim, named
     from trainer.run import check_gen_init
 
@@ -136,7 +136,7 @@ def launch_ray(dcfg) -> None:
         ray.init(address=lc.address or None, runtime_env={"env_vars": _worker_env_vars()}, log_to_driver=True)
     dataset = ray_dataset(cfg.data.shards, cfg.data.train_split, max_frames=cfg.data.max_frames,
                           image_size=cfg.model.image_size, sample_fps=cfg.data.sample_fps,
-                          num_actors=lc.decode_actors, use_gpu=lc.use_gpu)
+                          num_actors=lc.decode_actors, use_gpu=lc.use_gpu, cache=shard_cache(cfg.data))
     storage = lc.storage_path or str(Path(cfg.run.dir) / "ray")
     trainer = TorchTrainer(
         _train_worker,
