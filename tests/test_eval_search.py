@@ -144,3 +144,27 @@ def test_the_alpha_chosen_on_val_travels_with_the_model(tmp_path):
     cfg.data.val_split = ""  # no val split: nothing was chosen, the configured value stands
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     assert InferenceSettings.from_run_config(tmp_path / "config.yaml").rerank_alpha is None
+
+
+@pytest.mark.slow
+def test_eval_and_search_on_s3_shards_match_local_disk(registered, s3_shards, tmp_path):
+    """The registered model evaluated and searched over s3:// (moto on 127.0.0.1, byte-identical shards
+    to the ones it trained on): the training run's figures and the local search's answer."""
+    common = [f"tracking.uri={registered.uri}", f"data.root={registered.corpus}", "run.progress=false",
+              "run.device=cpu", "data.num_workers=0"]
+    out_json = tmp_path / "eval.json"
+    proc = launch("eval.py", ["--model", "models:/streamret@champion", f"data.shards={s3_shards}", "eval.rerank_topk=4",
+                              "eval.qb_bank=0", "--out", str(out_json), *common], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out_json.read_text())
+    for variant in ("con", "gen_rerank"):
+        for direction in ("t2v", "v2t"):
+            assert payload["metrics"][variant][direction] == pytest.approx(registered.metrics[variant][direction])
+    query = json.loads((registered.corpus / "test.jsonl").read_text().splitlines()[0])["captions"][0]
+    answers = []
+    for shards in (s3_shards, registered.shards):
+        proc = launch("search.py", ["model=models:/streamret@champion", f"shards={shards}", f"query={query}",
+                                    "--topk", "3", *common], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        answers.append([line for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()])
+    assert len(answers[0]) == 3 and answers[0] == answers[1]
