@@ -83,7 +83,7 @@ def write_part(path: Path, batches: Iterable[EncodedBatch], dtype: torch.dtype, 
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files, shapes, video_ids, captions, started = {}, {}, [], [], time.time()
+    files, shapes, video_ids, captions, widths, started = {}, {}, [], [], {}, time.time()
     try:
         for b in batches:
             for name, t in batch_fields(b, dtype).items():
@@ -96,10 +96,10 @@ def write_part(path: Path, batches: Iterable[EncodedBatch], dtype: torch.dtype, 
                 shapes[name][0] += t.shape[0]
             video_ids.extend(b.video_ids)
             captions.extend(c for caps in b.captions for c in caps)
+            widths = {"text": b.text.words.shape[1], "video": b.video.frames.shape[1]}
     finally:
         for f in files.values():
             f.close()
-    widths = {"text": b.text.words.shape[1], "video": b.video.frames.shape[1]} if video_ids else {}
     meta = {"shards": shards, "rank": rank, "videos": len(video_ids), "texts": len(captions), "shapes": shapes,
             "widths": widths,
             "seconds": round(time.time() - started, 3), "counters": counters(), "video_ids": video_ids,
