@@ -92,6 +92,11 @@ class ShardStream(IterableDataset):
             self.shard_names = list(shards)
         self.total_samples = sum(self.shard_sizes[name] for name in self.shard_names)
         self.members = Members.from_index(self.index)
+        stored_fps = (self.index.get("frames") or {}).get("fps")
+        if stored_fps and sample_fps > stored_fps:
+            log.warning("%s/%s: frame shards store %s frames per second but sample_fps=%s: clips get the stored frames "
+                        "only; re-pack with data.pack.frames_fps=%s or lower data.sample_fps", redact(str(shard_dir)),
+                        split, stored_fps, sample_fps, sample_fps)
         self.cache = cache if is_url(self.shard_dir) else None
         check_members(join(self.shard_dir, self.shard_names[0]), self.members, self.cache)
         self.max_frames, self.image_size, self.sample_fps = max_frames, image_size, sample_fps

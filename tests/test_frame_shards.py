@@ -198,3 +198,17 @@ def test_train_evaluate_and_search_on_frame_shards(frame_shards, trained_run, tm
                                 "--topk", "2", *common], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len([line for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]) == 2
+
+
+def test_sampling_faster_than_the_stored_frames_says_so(frame_shards, caplog):
+    import logging
+
+    from shards.stream import ShardStream
+
+    with caplog.at_level(logging.WARNING, logger="shards.stream"):
+        ShardStream(frame_shards, "test", max_frames=4, image_size=32, sample_fps=2.0, training=False)
+    assert "data.pack.frames_fps=2.0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shards.stream"):
+        ShardStream(frame_shards, "test", max_frames=4, image_size=32, sample_fps=1.0, training=False)
+    assert "frames_fps" not in caplog.text

@@ -47,9 +47,10 @@ def _corpus_overrides(args, corpus: str) -> list[str]:
 
 
 def _prepare(args, corpus: str) -> None:
-    """Generate and pack the corpus once, before runs share it."""
+    """Generate and pack the corpus once, before runs share it (with the ``--override``s: a
+    ``data.pack.*`` one decides how the shards are written, which the runs cannot change later)."""
     cmd = [sys.executable, str(REPO / "launch" / "pack.py"), *_corpus_overrides(args, corpus), "run.progress=false",
-           "--splits", "train,val,test"]
+           *[o for o in args.override if o.startswith("data.")], "--splits", "train,val,test"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(os.cpu_count() or 2), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"packing {corpus} failed: {proc.stderr[-2000:]}")
