@@ -9,8 +9,16 @@ pytestmark = pytest.mark.slow  # DataLoader worker processes
 
 
 def test_decode_bench_quick_writes_json(tmp_path):
+    import os
+
+    import torch
+
     out = tmp_path / "decode.json"
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     main(["decode", "--quick", "--long-clips", "0", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    # it measures on one thread, and leaves the process as it found it (later tests and subprocesses
+    # once inherited OMP_NUM_THREADS=1 and computed other floats than the runs they compare with)
+    assert (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")) == (threads, omp)
     saved = json.loads(out.read_text())
     assert saved["transcoded"]["transcode"] == {"short_side": 224, "fps": 8, "gop": 8, "fastdecode": True}
     assert saved["frames"]["frames"]["fps"] == 1.0 and saved["frames"]["raw_decoder"].startswith("decode_jpeg")

@@ -281,6 +281,22 @@ def bench_corpus(work: Path, args, cv2, transcode, frames, *, with_original: boo
 
 
 def run(args: argparse.Namespace) -> dict:
+    """The bench measures on one thread; the caller's threads and environment are put back after
+    (run in-process by the tests, it once left pytest single-threaded for every later test)."""
+    import torch
+
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+
+
+def _run(args: argparse.Namespace) -> dict:
     import torch
 
     from shards.probe import FrameSpec, Transcode

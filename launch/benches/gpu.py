@@ -78,7 +78,7 @@ def _jpeg(shards: Path, device: str) -> dict:
     for raw in stream.raw_samples(0, 1, 0, None):
         meta = json.loads(raw["json"])
         clips.append([raw["frames"][p] for p in pick_positions(meta["frames"], 12, 1.0, None, None)])
-    out = {}
+    out, threads = {}, torch.get_num_threads()
     for where in ["cpu"] + (["cuda"] if device == "cuda" else []):
         torch.set_num_threads(1)
         decode_jpegs(clips[0], where)  # warm-up (nvJPEG handle, CUDA context)
@@ -91,6 +91,7 @@ def _jpeg(shards: Path, device: str) -> dict:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         out[where] = {"clips": len(clips), "seconds": dt, "clips_per_s": len(clips) / dt}
+    torch.set_num_threads(threads)  # one core for the measurement only, not for what runs after
     if "cuda" in out:
         out["cuda_vs_one_cpu_core"] = out["cuda"]["clips_per_s"] / out["cpu"]["clips_per_s"]
     return out
