@@ -29,7 +29,7 @@ import ray
 
 from shards.cache import ShardCache
 from shards.index import read_index
-from shards.storage import is_url, join
+from shards.storage import join
 from shards.tarread import Members, shard_samples
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ def read_shard_samples(row: dict[str, Any], counter, max_frames: int, sample_fps
     the rest never cross to the decode actors; ``video`` is then empty."""
     path = row["path"]
     members = Members.from_index(row)  # row["members"]: Members.to_json()
-    for sample in shard_samples(path, path, row["samples"], lambda kind: counter.add.remote(kind), members,
-                                cache if is_url(path) else None):
+    for sample in shard_samples(path, path, row["samples"], lambda kind: counter.add.remote(kind), members, cache):
         out = {"key": sample["__key__"], "video": sample.get("video", b""), "meta": sample["json"].decode("utf-8"),
                "frames": []}
         if "frames" in sample:

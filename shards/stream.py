@@ -97,7 +97,7 @@ class ShardStream(IterableDataset):
             log.warning("%s/%s: frame shards store %s frames per second but sample_fps=%s: clips get the stored frames "
                         "only; re-pack with data.pack.frames_fps=%s or lower data.sample_fps", redact(str(shard_dir)),
                         split, stored_fps, sample_fps, sample_fps)
-        self.cache = cache if is_url(self.shard_dir) else None
+        self.cache = cache  # consulted for remote shards only (shards.tarread.tar_members)
         check_members(join(self.shard_dir, self.shard_names[0]), self.members, self.cache)
         self.max_frames, self.image_size, self.sample_fps = max_frames, image_size, sample_fps
         self.training, self.seed, self.shuffle_buffer = training, seed, shuffle_buffer

@@ -64,8 +64,6 @@ def batch_fields(b: EncodedBatch, dtype: torch.dtype) -> dict[str, torch.Tensor]
     """One encoded batch as the store's flat fields (``text_to_video`` local to the batch)."""
     words = Tokens.from_padded(b.text.words, b.text.weights, b.text.mask)
     frames = Tokens.from_padded(b.video.frames, b.video.weights, b.video.mask, b.video.frame_norm)
-    pooled = torch.nn.functional.normalize(torch.einsum("bf,bfd->bd", b.video.weights.float(), b.video.frames.float()),
-                                           dim=-1)
     out = {"words": words.x.to(dtype), "word_weights": words.weights, "word_lengths": words.lengths(),
            "sentence": b.text.sentence.to(dtype), "sentence_norm": b.text.sentence_norm,
            "text_fused": None if b.text.fused is None else b.text.fused.to(dtype),
@@ -73,7 +71,7 @@ def batch_fields(b: EncodedBatch, dtype: torch.dtype) -> dict[str, torch.Tensor]
                                                     torch.tensor([len(c) for c in b.captions])),
            "frames": frames.x.to(dtype), "frame_weights": frames.weights, "frame_norm": frames.norm,
            "frame_lengths": frames.lengths(), "video_fused": None if b.video.fused is None else b.video.fused.to(dtype),
-           "video_pooled": pooled.to(dtype)}
+           "video_pooled": b.video.pooled().to(dtype)}
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -193,12 +191,9 @@ def open_bank(root: Path, device: torch.device) -> FeatureBank:
             arrays[name] = arr.view(torch.bfloat16) if spec["dtype"] == "bfloat16" else arr
     strings = json.loads((root / "strings.json").read_text())
 
-    def offsets(lengths: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-
     widths = index["widths"]
-    text = Tokens(arrays["words"], arrays["word_weights"], offsets(arrays["word_lengths"]), widths["text"])
-    video = Tokens(arrays["frames"], arrays["frame_weights"], offsets(arrays["frame_lengths"]), widths["video"],
+    text = Tokens(arrays["words"], arrays["word_weights"], Tokens.offsets_of(arrays["word_lengths"]), widths["text"])
+    video = Tokens(arrays["frames"], arrays["frame_weights"], Tokens.offsets_of(arrays["frame_lengths"]), widths["video"],
                    arrays.get("frame_norm"))
     return FeatureBank(text, arrays["sentence"], video, arrays["text_to_video"].clone(),
                        strings["video_ids"], strings["captions"], arrays.get("text_fused"), arrays.get("video_fused"),

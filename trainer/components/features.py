@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from shards.decode import video_to_device
@@ -46,8 +45,13 @@ class Tokens:
         lengths = mask.sum(1)
         if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]):
             raise ValueError("Tokens.from_padded: every mask row must be a prefix (real tokens first, then padding)")
-        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).long()
-        return cls(x[mask], weights[mask].float(), offsets, int(mask.shape[1]), None if norm is None else norm[mask].float())
+        return cls(x[mask], weights[mask].float(), cls.offsets_of(lengths), int(mask.shape[1]),
+                   None if norm is None else norm[mask].float())
+
+    @staticmethod
+    def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
+        """[N + 1] long: where each of N items of ``lengths`` tokens starts in the flat rows, and the end."""
+        return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).long()
 
     def __len__(self) -> int:
         return self.offsets.shape[0] - 1
@@ -138,8 +142,8 @@ class FeatureBank:
         """[*idx, D] each video's frame-weighted mean feature, L2-normalised (stored, or computed)."""
         if self.video_pooled is not None:
             return self._rows(self.video_pooled, idx)
-        frames, weights, _ = self.video_tokens.read(idx)
-        return self._out(F.normalize(torch.einsum("...f,...fd->...d", weights, frames), dim=-1))
+        frames, weights, mask = self.video_tokens.read(idx)
+        return self._out(VideoFeatures(frames, weights, mask).pooled())
 
     def pooled_table(self) -> torch.Tensor:
         """[Nv, D] ``pooled_video`` of every video as stored (memory-mapped: read block by block by

@@ -46,6 +46,11 @@ class VideoFeatures:
         """F' before L2 normalisation (method.md section 3: what the generator attends over)."""
         return self.frames if self.frame_norm is None else self.frames * self.frame_norm[..., None]
 
+    def pooled(self) -> torch.Tensor:
+        """[..., D] the frame-weighted mean of F', L2-normalised: one vector per video (the served
+        video embedding, and stage gen's first mining stage)."""
+        return F.normalize(torch.einsum("...f,...fd->...d", self.weights.float(), self.frames.float()), dim=-1)
+
 
 # The features LAFF fuses, in order (their attention weights are logged under these names).
 VIDEO_FUSION_INPUTS = ("clip_frames", "temporal_frames", "weighted_frames")

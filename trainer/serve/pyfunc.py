@@ -17,7 +17,6 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from shards.decode import ClipTransform, decode_frames, sample_frame_indices
 from shards.tokenize import CaptionTokenizer
@@ -99,6 +98,4 @@ class StreamretPyfunc(mlflow.pyfunc.PythonModel):
             return [float(s) for s in scores]
         if text is not None:
             return self.encode_text(text).sentence.float().tolist()
-        v = self.encode_video(video)
-        pooled = F.normalize(torch.einsum("bf,bfd->bd", v.weights, v.frames.float()), dim=-1)
-        return pooled.tolist()
+        return self.encode_video(video).pooled().tolist()
