@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def run_eval(args: EvalArgs, dcfg) -> dict:
     from shards.tokenize import CaptionTokenizer
     from trainer.components.data import eval_loader
     from trainer.evaluation.suite import score_encoder, score_generator
+    from trainer.components.distributed import DistInfo
+    from trainer.components.extraction import extract_split
+    from trainer.components.feature_store import read_index as read_bank_index
     from trainer.components.features import encode_split, limited
     from trainer.serve.registry import load_bundle
     from trainer.evaluation.report import summary_table, write_metrics_json
@@ -83,11 +87,20 @@ def run_eval(args: EvalArgs, dcfg) -> dict:
     data = dataclasses.replace(cfg.data, max_frames=bundle.max_frames, max_words=s.max_words, sample_fps=s.sample_fps)
     read_index(data.shards, data.test_split)  # ShardsNotFound names the fix
     tokenizer = CaptionTokenizer(data.max_words)
-    loader = eval_loader(data, bundle.model_config, data.test_split)
-    bank = encode_split(encoder, loader, tokenizer, device, torch.float32, f"encode {data.test_split}", cfg.run.progress)
+    # Encoded the way a training run encodes its test split (trainer.components.extraction: the same
+    # parts, so the same batches and the same floats), into a scratch bank.
+    index = read_index(data.shards, data.test_split)
+    with tempfile.TemporaryDirectory(prefix="eval-bank-") as scratch:
+        bank = extract_split(encoder, shard_names=[x["name"] for x in index["shards"]],
+                             loader_for=lambda names: eval_loader(data, bundle.model_config, data.test_split, names),
+                             max_words=data.max_words, shards_per_part=data.num_workers, root=Path(scratch), key={},
+                             dtype=torch.float32, dist=DistInfo(0, 1, 0, device), desc=f"encode {data.test_split}",
+                             progress=cfg.run.progress, total_samples=int(index["total_samples"]))
+        bank_index = read_bank_index(Path(scratch))
+    # (the scratch folder is gone; its arrays stay mapped until the bank is: POSIX unlinks lazily)
     # what the scores stand on: every sample the index lists is scored or counted as dropped
-    test_data = {"in_split": loader.stream.total_samples, "scored": bank.num_videos,
-                 **{k: v for k, v in loader.counters.items() if v}}
+    test_data = {"in_split": bank_index["total_samples"], "scored": bank.num_videos,
+                 **{k: v for k, v in bank_index["counters"].items() if v}}
 
     e = cfg.eval
     qb_split = data.train_split
