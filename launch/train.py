@@ -15,15 +15,15 @@ def main() -> int:
     return run_entry_point(load_config, run)
 
 
-def run(cfg) -> None:
+def run(cfg) -> int:
     if cfg.launcher.name == "ray":  # the driver: Ray Data pipeline + a Ray Train TorchTrainer
         from trainer.launchers.ray import launch_ray
 
-        launch_ray(cfg)
-    else:
-        from trainer.run import train
+        return launch_ray(cfg)
+    from trainer.run import train
 
-        train(cfg)
+    train(cfg)
+    return 0
 
 
 if __name__ == "__main__":

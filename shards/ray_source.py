@@ -1,188 +1,245 @@
-"""The packed shards of a split as a Ray Data pipeline: read tars -> decode in an actor pool -> rows.
+"""A ``ShardStream``'s samples decoded by a Ray Data actor pool: the stream under ``launcher=ray``.
 
-Rows hold numpy columns ``video`` [T,3,S,S] float32, ``video_mask`` [T] bool, ``video_id``,
-``key`` and ``captions`` (the sample's captions as a JSON list, so the column stays a flat
-string). ``iter_train_batches`` turns a Ray Train dataset shard back into the batch dict
-``shards.loader.StreamLoader`` yields, so the trainer does not care which source feeds it; it
-picks each sample's caption for the epoch it is told (``shards.loader.pick_caption``, the local
-loader's rule) and tokenises it there. The pipeline is built once per job and re-executed each
-epoch, so the caption cannot be chosen inside it: the decode actors do not know the epoch.
+Every Ray Train worker owns its rank's stream, as a local rank does (``shards.stream``: the same
+shard order per epoch, rank split, shuffle buffer and quota), and hands only the decoding to the
+cluster::
 
-Why not ``ray.data.read_webdataset``: a truncated or corrupt shard makes its read task raise,
-which fails the whole dataset. Here the shards listed in the index are read by a tolerant tar
-reader (the same member grouping as ``ShardStream``): a damaged shard yields the samples before
-the damage and is counted. Samples that cannot be decoded are dropped and counted too. Counts
-live in a small Ray actor (``skip_counts(dataset)``); a retried task may count twice.
+    one read task (the rank's epoch, in the stream's order)  ->  decode actors (a pool of
+    decode_actors = (min, max), anywhere in the cluster)  ->  rows, in read order, to the worker
 
-Shard paths must be readable from every node (local disk on one machine, shared storage on a
-cluster), as for ``read_webdataset`` on paths.
+Reading is sequential per rank because the shuffle buffer is: one task per rank and epoch, which
+ships tar bytes only (frame shards: only the JPEGs the clip trains on) and is accounted as 0 CPUs,
+so a cluster that holds the workers and the pool's minimum always runs it (a read task waiting
+for a CPU held by its own consumers once hung a 2-CPU job forever). ``preserve_order`` keeps the
+rows in read order, so batch ``j`` of an epoch is raw samples ``[j*B, (j+1)*B)``, as with a local
+stream without DataLoader workers: resume is exact (``RayStreamLoader``) and a Ray epoch trains
+on the samples a local epoch trains on.
+
+A sample that cannot be decoded stays a row (``ok`` false) and its batch is one shorter, as
+locally: later batches do not shift. What the read skipped (damaged shards) and what the actors
+could not decode travel in the rows (``skips``, counts since the previous row), so the worker's
+``counters`` count every loss exactly once, whichever task or retried task saw it.
+
+Rows hold ``video`` uint8 ``[T,3,S,S]`` (resized, cropped, padded: the trainer normalises on its
+device, as for local batches; 4x fewer bytes through the object store), ``video_mask`` [T] bool,
+``video_id``, ``key``, ``captions`` (JSON list), ``ok`` and ``skips`` (JSON dict).
+Shard paths must be readable from every node (shared storage or object storage).
 """
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
-from typing import Any, Iterator
+import queue
+import threading
+import time
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import ray
 
-from shards.cache import ShardCache
-from shards.index import read_index
-from shards.storage import join
-from shards.tarread import Members, shard_samples
+from shards.stream import ShardStream
 
 log = logging.getLogger(__name__)
 
 DECODE_BATCH = 8  # samples per actor call: enough to amortise the call, small enough to stream
-SKIP_KINDS = ("corrupt_shard", "short_shard", "incomplete_sample", "decode_error")
+# Read blocks this large (bytes) leave the read task for the actors: ~8 frame-shard clips or one
+# or two mp4s, so decoding starts after the first clips are read, not after Ray Data's default
+# 128 MB, and a pool's actors share an epoch's blocks.
+READ_BLOCK_BYTES = 2 * 2**20
 
 
-@ray.remote(num_cpus=0)
-class SkipCounter:
-    """Counts of what the pipeline dropped, by kind (``SKIP_KINDS``)."""
-
-    def __init__(self) -> None:
-        self.counts = dict.fromkeys(SKIP_KINDS, 0)
-
-    def add(self, kind: str, n: int = 1) -> None:
-        self.counts[kind] = self.counts.get(kind, 0) + n
-
-    def get(self) -> dict[str, int]:
-        return dict(self.counts)
+class PipelineStalled(RuntimeError):
+    """The decode pipeline yielded nothing for ``launcher.stall_timeout_s``."""
 
 
-def read_shard_samples(row: dict[str, Any], counter, max_frames: int, sample_fps: float,
-                       cache: ShardCache | None = None) -> Iterator[dict[str, Any]]:
-    """Raw samples (``key``, ``video`` bytes, ``meta`` JSON text) of the shard at ``row["path"]``, which
-    its index says holds ``row["samples"]``; damage goes to ``counter`` (``shards.tarread.shard_samples``).
-    Frame shards: ``frames``, only the JPEGs the clip trains on (``shards.frames.pick_positions``), so
-    the rest never cross to the decode actors; ``video`` is then empty."""
-    path = row["path"]
-    members = Members.from_index(row)  # row["members"]: Members.to_json()
-    for sample in shard_samples(path, path, row["samples"], lambda kind: counter.add.remote(kind), members, cache):
-        out = {"key": sample["__key__"], "video": sample.get("video", b""), "meta": sample["json"].decode("utf-8"),
-               "frames": []}
-        if "frames" in sample:
-            from shards.frames import pick_positions  # torch: in the read task's process only
+def read_rank_epoch(item: dict[str, Any], stream: ShardStream) -> Iterator[dict[str, Any]]:
+    """Raw rows of ``stream`` for ``item["epoch"]``: its training order with ``item["skip"]``
+    samples dropped and at most ``item["count"]`` given (an eval stream: one pass, in file order).
+    Frame shards: only the picked JPEGs leave this task. ``skips``: what was lost since the last row."""
+    from shards.frames import pick_positions
 
+    stream.set_epoch(int(item["epoch"]))
+    base = dict(stream.counters)
+
+    def delta() -> str:
+        nonlocal base
+        out = {k: v - base.get(k, 0) for k, v in stream.counters.items() if v != base.get(k, 0)}
+        base = dict(stream.counters)
+        return json.dumps(out)
+
+    count = None if item["count"] < 0 else int(item["count"])
+    for raw in stream.raw_samples(0, 1, int(item["skip"]), count):
+        row = {"key": raw["__key__"], "video": raw.get("video", b""), "meta": raw["json"].decode("utf-8"),
+               "frames": [], "ok": True}
+        if "frames" in raw:
             try:
-                meta = json.loads(out["meta"])
-                picked = pick_positions(meta["frames"], max_frames, sample_fps, meta.get("start"), meta.get("end"))
-            except (ValueError, KeyError, TypeError) as exn:
-                counter.add.remote("decode_error")
-                log.warning("%s: sample %s: bad frames entry (%s); skipped", path, sample["__key__"], exn)
-                continue
-            out["frames"] = [sample["frames"][p] for p in picked]
-        yield out
+                meta = json.loads(row["meta"])
+                picked = pick_positions(meta["frames"], stream.max_frames, stream.sample_fps, meta.get("start"),
+                                        meta.get("end"))
+                row["frames"] = [raw["frames"][p] for p in picked]
+            except (ValueError, KeyError, TypeError, IndexError) as exn:
+                stream.counters["decode_error"] += 1
+                log.warning("%s: sample %s: bad frames entry (%s); skipped", raw.get("__url__"), raw["__key__"], exn)
+                row["ok"] = False
+        row["skips"] = delta()
+        yield row
 
 
 class DecodeClips:
-    """Actor body: decode the sampled frames, CLIP-preprocess (on the GPU when ``use_gpu``; frame
-    shards' JPEGs are then decoded there too, by nvJPEG)."""
+    """Actor body: decode the sampled frames and resize + crop them (on the GPU when ``use_gpu``;
+    frame shards' JPEGs are then decoded there too, by nvJPEG). Rows keep their order and number."""
 
-    def __init__(self, *, max_frames: int, image_size: int, sample_fps: float, use_gpu: bool, counter) -> None:
+    def __init__(self, *, max_frames: int, image_size: int, sample_fps: float, use_gpu: bool) -> None:
         import torch
 
         from shards.decode import ClipTransform
 
         self.max_frames, self.image_size, self.sample_fps = max_frames, image_size, sample_fps
-        self.counter = counter
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        # With use_gpu the resize, crop and normalisation run on the GPU (ClipTransform works on the
-        # frames' device); only the final [T, 3, S, S] comes back to host memory.
         self.transform = ClipTransform(image_size)
 
-    def _frames(self, video: bytes, jpegs: list[bytes], meta: dict):
-        """uint8 ``[T, H, W, 3]`` on ``self.device``: decord on the CPU for video shards; for frame
-        shards the picked JPEGs, on the GPU with nvJPEG when ``use_gpu`` (one batched call per clip)."""
+    def _frames(self, video: bytes, jpegs, meta: dict):
+        """decord on the CPU for video shards; the picked JPEGs for frame shards, on ``self.device``
+        (one batched nvJPEG call per clip with use_gpu). Either form goes to ``ClipTransform.crop``."""
         import torch
 
         from shards.frames import decode_jpegs, sampled_frames
 
-        if len(jpegs):  # picked at read time already; planar frames on self.device
+        if len(jpegs):
             return decode_jpegs([bytes(j) for j in jpegs], self.device)
         frames = sampled_frames({"video": video}, meta, self.max_frames, self.sample_fps)
         return torch.from_numpy(frames).to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        videos, masks, ids, keys, captions = [], [], [], [], []
-        for key, video_bytes, jpegs, meta_text in zip(batch["key"], batch["video"], batch["frames"], batch["meta"]):
+        s, t = self.image_size, self.max_frames
+        n = len(batch["key"])
+        videos = np.zeros((n, t, 3, s, s), np.uint8)
+        masks = np.zeros((n, t), bool)
+        ids, captions, ok, skips = [""] * n, ["[]"] * n, list(batch["ok"]), list(batch["skips"])
+        for i, (key, video_bytes, jpegs, meta_text) in enumerate(zip(batch["key"], batch["video"], batch["frames"],
+                                                                     batch["meta"])):
+            if not ok[i]:
+                continue
             try:
                 meta = json.loads(meta_text)
-                frames = self._frames(bytes(video_bytes), jpegs, meta)
-                video, mask = self.transform(frames, self.max_frames)
+                video, mask = self.transform.crop(self._frames(bytes(video_bytes), jpegs, meta), t)
+                videos[i], masks[i] = video.cpu().numpy(), mask.cpu().numpy()
+                ids[i], captions[i] = str(meta["video_id"]), json.dumps(meta["captions"])
             except Exception as exn:  # noqa: BLE001 - decord raises its own DECORDError and friends
-                self.counter.add.remote("decode_error")
                 log.warning("cannot decode sample %s (%s: %s); skipped", key, type(exn).__name__, exn)
-                continue
-            videos.append(video.cpu().numpy())  # from the GPU when use_gpu
-            masks.append(mask.cpu().numpy())
-            ids.append(meta["video_id"])
-            keys.append(str(key))
-            captions.append(json.dumps(meta["captions"]))
-        s, t = self.image_size, self.max_frames
-        return {
-            "video": np.stack(videos) if videos else np.zeros((0, t, 3, s, s), np.float32),
-            "video_mask": np.stack(masks) if masks else np.zeros((0, t), bool),
-            "video_id": np.array(ids, dtype=object),
-            "key": np.array(keys, dtype=object),
-            "captions": np.array(captions, dtype=object),
-        }
+                ok[i] = False
+                lost = json.loads(skips[i])
+                lost["decode_error"] = lost.get("decode_error", 0) + 1
+                skips[i] = json.dumps(lost)
+        return {"video": videos, "video_mask": masks, "video_id": np.array(ids, dtype=object),
+                "key": np.array([str(k) for k in batch["key"]], dtype=object),
+                "captions": np.array(captions, dtype=object), "ok": np.array(ok, bool),
+                "skips": np.array(skips, dtype=object)}
 
 
-def ray_dataset(
-    shard_dir: str | Path,  # a local folder or an fsspec URL readable from every node
-    split: str,
-    *,
-    max_frames: int,
-    image_size: int,
-    sample_fps: float,
-    num_actors: int,
-    use_gpu: bool = False,
-    cache: ShardCache | None = None,  # each node's local copies of remote shards (data.cache_dir)
-) -> "ray.data.Dataset":
-    """The decoded samples of a packed split as a lazy ``ray.data.Dataset`` (see module doc).
-    Needs ``ray.init()`` first; the cluster needs ``num_actors`` CPUs (GPUs with ``use_gpu``) for
-    decoding plus one for reading."""
-    index = read_index(shard_dir, split)  # raises ShardsNotFound with the fix
-    counter = SkipCounter.remote()
-    members = Members.from_index(index).to_json()
-    paths = [{"path": join(shard_dir, s["name"]), "samples": int(s["samples"]), "members": members}
-             for s in index["shards"]]
-    dataset = (
-        ray.data.from_items(paths, override_num_blocks=len(paths))
-        .flat_map(read_shard_samples, fn_kwargs={"counter": counter, "max_frames": max_frames, "sample_fps": sample_fps,
-                                              "cache": cache})
-        .map_batches(
-            DecodeClips,
-            fn_constructor_kwargs=dict(max_frames=max_frames, image_size=image_size, sample_fps=sample_fps,
-                                       use_gpu=use_gpu, counter=counter),
-            batch_size=DECODE_BATCH,
-            batch_format="numpy",
-            concurrency=num_actors,
-            num_gpus=1 if use_gpu else 0,
-            num_cpus=1,
-        )
+def ray_dataset(stream: ShardStream, *, epoch: int | None = None, skip: int = 0, count: int | None = None,
+                decode_actors: tuple[int, int] = (1, 1), use_gpu: bool = False,
+                progress: bool = False) -> "ray.data.Dataset":
+    """``stream``'s rows for ``epoch`` (default: the stream's) as a lazy ``ray.data.Dataset`` in
+    read order: ``skip`` raw samples dropped, at most ``count`` (None: the rank's quota when
+    training, one pass for an eval stream). Needs ``ray.init()``; the cluster must hold
+    ``decode_actors[0]`` actors (1 CPU each, and 1 GPU with ``use_gpu``)."""
+    lo, hi = decode_actors
+    if not 1 <= lo <= hi:
+        raise ValueError(f"decode_actors must be (min, max) with 1 <= min <= max, got {decode_actors}")
+    if count is None:
+        count = stream.samples_per_rank - skip if stream.training else -1
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # batch j = raw samples [j*B, (j+1)*B): exact resume
+    context.target_max_block_size = READ_BLOCK_BYTES
+    context.enable_progress_bars = progress  # a training epoch has the stage's bar; these would repeat per epoch
+    item = {"epoch": stream.epoch if epoch is None else epoch, "skip": skip, "count": count}
+    return (
+        ray.data.from_items([item], override_num_blocks=1)
+        .flat_map(read_rank_epoch, fn_kwargs={"stream": stream}, num_cpus=0)
+        .map_batches(DecodeClips,
+                     fn_constructor_kwargs=dict(max_frames=stream.max_frames, image_size=stream.image_size,
+                                                sample_fps=stream.sample_fps, use_gpu=use_gpu),
+                     batch_size=DECODE_BATCH, batch_format="numpy",
+                     compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                     num_gpus=1 if use_gpu else 0, num_cpus=1)
     )
-    dataset._streamret_skips = counter  # the Dataset is a plain object; transforms of it lose this
-    return dataset
 
 
-def skip_counts(dataset: "ray.data.Dataset") -> dict[str, int]:
-    """What a ``ray_dataset`` dropped so far, by kind (after it has been consumed)."""
-    counter = getattr(dataset, "_streamret_skips", None)
-    if counter is None:
-        raise ValueError("skip_counts takes the Dataset returned by shards.ray_source.ray_dataset itself; "
-                         "derived datasets (after .map, .random_shuffle, ...) do not carry its counter")
-    return ray.get(counter.get.remote())
+def split_dataset(shard_dir, split: str, *, max_frames: int, image_size: int, sample_fps: float,
+                  decode_actors: tuple[int, int] = (1, 1), use_gpu: bool = False, cache=None) -> "ray.data.Dataset":
+    """Every sample of a packed split once, in file order (an eval stream through ``ray_dataset``)."""
+    stream = ShardStream(shard_dir, split, max_frames=max_frames, image_size=image_size, sample_fps=sample_fps,
+                         training=False, cache=cache)
+    return ray_dataset(stream, decode_actors=decode_actors, use_gpu=use_gpu)
+
+
+def add_skips(counters: dict[str, int], skips: Iterable[str]) -> dict[str, int]:
+    """``counters`` plus the ``skips`` column of some rows."""
+    out = dict(counters)
+    for text in skips:
+        for kind, n in json.loads(text).items():
+            out[kind] = out.get(kind, 0) + int(n)
+    return out
+
+
+def within_deadline(batches: Iterator, seconds: float, what: str) -> Iterator:
+    """``batches``, pulled in a thread; raises ``PipelineStalled`` naming ``what`` when none comes
+    for ``seconds`` (<= 0: wait forever). Closing this generator stops the thread and closes
+    ``batches`` (a Ray Data iterator then releases its actors)."""
+    if seconds <= 0:
+        yield from batches
+        return
+    slot: queue.Queue = queue.Queue(maxsize=1)
+    stop, done = threading.Event(), object()
+
+    def pull() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        slot.put(("batch", batch), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    break
+            slot.put(("end", done))
+        except BaseException as exn:  # noqa: BLE001 - handed to the consumer, which raises it
+            slot.put(("error", exn))
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=pull, name="ray-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            started = time.monotonic()
+            try:
+                kind, value = slot.get(timeout=seconds)
+            except queue.Empty:
+                raise PipelineStalled(
+                    f"{what}: no batch for {time.monotonic() - started:.0f} s (launcher.stall_timeout_s={seconds:g}); "
+                    "the decode actors may be waiting for CPUs the cluster does not have (`ray status` shows pending "
+                    "demands): lower launcher.decode_actors_min or launcher.num_workers, or add nodes") from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        try:
+            slot.get_nowait()  # unblock a put in progress
+        except queue.Empty:
+            pass
 
 
 class TrainBatchCollate:
-    """A numpy batch of ``ray_dataset`` rows -> the ``StreamLoader`` training batch dict, with one
-    caption per sample for ``epoch``, chosen and tokenised as the local loader does."""
+    """Numpy rows -> the ``StreamLoader`` training batch dict, with one caption per sample for
+    ``epoch``, chosen and tokenised as the local loader does; rows that failed to decode drop out."""
 
     def __init__(self, *, max_words: int, seed: int, epoch: int) -> None:
         from shards.loader import _tokenizer
@@ -194,26 +251,61 @@ class TrainBatchCollate:
 
         from shards.loader import pick_caption
 
-        keys = [str(k) for k in batch["key"]]
-        captions = [json.loads(c) for c in batch["captions"]]
+        ok = np.asarray(batch["ok"], bool)
+        keys = [str(k) for k, good in zip(batch["key"], ok) if good]
+        captions = [json.loads(c) for c, good in zip(batch["captions"], ok) if good]
         chosen = [caps[pick_caption(caps, self.seed, self.epoch, key)] for caps, key in zip(captions, keys)]
         text, text_mask = self.tokenizer(chosen)
         return {
-            "video": torch.as_tensor(batch["video"]),
-            "video_mask": torch.as_tensor(batch["video_mask"]),
+            "video": torch.from_numpy(np.ascontiguousarray(batch["video"][ok])),
+            "video_mask": torch.from_numpy(np.ascontiguousarray(batch["video_mask"][ok])),
             "text": text,
             "text_mask": text_mask,
-            "video_id": [str(v) for v in batch["video_id"]],
+            "video_id": [str(v) for v, good in zip(batch["video_id"], ok) if good],
             "key": keys,
             "captions": captions,
         }
 
 
-def iter_train_batches(dataset_shard, batch_size: int, *, max_words: int, seed: int, epoch: int,
-                       drop_last: bool = False, local_shuffle_buffer_size: int | None = None) -> Iterator[dict[str, Any]]:
-    """Batches of a Ray Train dataset shard (``ray.train.get_dataset_shard(name)``, or any Dataset)
-    in the ``StreamLoader`` layout for ``epoch``: ``video``, ``video_mask``, ``text``, ``text_mask``
-    tensors and ``video_id``, ``key``, ``captions`` lists."""
-    collate = TrainBatchCollate(max_words=max_words, seed=seed, epoch=epoch)
-    yield from dataset_shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=drop_last,
-                                                local_shuffle_buffer_size=local_shuffle_buffer_size)
+class RayStreamLoader:
+    """A rank's training batches decoded by a Ray Data actor pool: ``shards.loader.StreamLoader``'s
+    interface (a ``TrainSource``) and layout without DataLoader workers, so its state resumes
+    exactly, on Ray or locally. ``video`` stays uint8 (``shards.decode.video_to_device``)."""
+
+    def __init__(self, stream: ShardStream, *, batch_size: int, max_words: int, seed: int,
+                 decode_actors: tuple[int, int], use_gpu: bool = False, stall_timeout_s: float = 0) -> None:
+        if not stream.training:
+            raise ValueError("RayStreamLoader trains: build its ShardStream with training=True")
+        self.stream, self.batch_size, self.max_words, self.seed = stream, batch_size, max_words, seed
+        self.decode_actors, self.use_gpu, self.stall_timeout_s = decode_actors, use_gpu, stall_timeout_s
+        stream.batch_size, stream.num_workers = batch_size, 0
+        self.counters: dict[str, int] = dict(stream.counters)
+
+    def __len__(self) -> int:
+        return self.stream.num_batches(self.batch_size)
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        stream, size = self.stream, self.batch_size
+        stream.check_resume_layout(size, 0)
+        if stream.samples_consumed >= stream.samples_per_rank > 0:
+            stream.set_epoch(stream.epoch + 1)
+        done = stream.batches_consumed(size)
+        stream.samples_consumed = skip = done * size
+        dataset = ray_dataset(stream, skip=skip, decode_actors=self.decode_actors, use_gpu=self.use_gpu)
+        collate = TrainBatchCollate(max_words=self.max_words, seed=self.seed, epoch=stream.epoch)
+        what = f"{stream.split} epoch {stream.epoch} rank {stream.rank}"
+        rows = dataset.iter_batches(batch_size=size, batch_format="numpy", prefetch_batches=2)
+        for batch in within_deadline(rows, self.stall_timeout_s, what):
+            self.counters = add_skips(self.counters, batch["skips"])
+            stream.samples_consumed += len(batch["key"])
+            yield collate(batch)

@@ -1,7 +1,9 @@
 """launcher=ray on a real local Ray cluster: `ray start --head` with token auth on 127.0.0.1,
-`ray job submit` of a tiny stage-con run (2 Ray Train workers reading the Ray Data train split),
-job SUCCEEDED and its metrics in the MLflow sqlite store. The cluster is this test's own (own
-ports, own temp dir) and is stopped by terminating its `ray start --block` process."""
+`ray job submit` of a tiny stage-con run (2 Ray Train workers, each decoding through its Ray
+Data actor pool), preempted with `ray job stop`, resubmitted with run.resume=auto: the second job
+SUCCEEDED, the two jobs together trained each step once on the local rule's samples, and one MLflow
+run in the sqlite store holds it all. The cluster is this test's own (own ports, own temp dir) and
+is stopped by terminating its `ray start --block` process."""
 from __future__ import annotations
 
 import json
@@ -21,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TINY_RUN = [
     "data.max_frames=4", "data.max_words=16", "data.batch_size=4", "data.eval_batch_size=8", "data.num_workers=0",
-    "data.shuffle_buffer=0", "stage.con.max_steps=3", "run.progress=false", "tracking.flush_every_s=0.5", NO_VAL,
+    "data.shuffle_buffer=8", "stage.con.max_steps=12", "stage.con.log_every=1", "run.progress=false",
+    "tracking.flush_every_s=0.5", "run.sample_log=true", "tracking.register=false", NO_VAL,
 ]
 
 
@@ -36,8 +39,11 @@ def ray_cluster(tmp_path_factory):
     Ray >= 2.59 enables token auth for new clusters: the head and every client (`ray job ...`)
     need RAY_AUTH_MODE=token and the same token (RAY_AUTH_TOKEN), or the client is refused."""
     temp_dir = Path(f"/tmp/ray_lx_{os.getpid()}")  # short: Ray's unix socket paths must fit 107 bytes
+    # RAY_JOB_STOP_WAIT_TIME_S: how long `ray job stop` lets the driver end before SIGKILL (3 s by
+    # default); it is read by the head's job supervisor, so a cluster sets it when it starts.
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), DS_ACCELERATOR="cpu",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+               RAY_JOB_STOP_WAIT_TIME_S="120")
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
     ports = {"--port": free_port(), "--dashboard-port": dash, "--node-manager-port": free_port(),
@@ -91,35 +97,91 @@ def _kill_leftovers(marker: str) -> None:
                 pass
 
 
-@pytest.mark.slow
-def test_ray_job_submit_trains_with_ray_train_and_logs_to_mlflow(ray_cluster, synthetic_corpus, synthetic_shards,
-                                                                 tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    address, env = ray_cluster
+def _submit(address: str, env: dict, overrides: list[str], *, wait: bool) -> tuple[str, subprocess.CompletedProcess]:
     job_id = f"streamret-test-{secrets.token_hex(4)}"
     runtime_env = {"env_vars": {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}}
-    overrides = ["launcher=ray", "launcher.num_workers=2", "launcher.decode_actors=1", "--stage", "con",
-                 f"data.root={synthetic_corpus}", f"data.shards={synthetic_shards}", f"run.dir={tmp_path / 'run'}",
-                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *TINY_RUN]
     submit = ray_cli("job", "submit", "--address", address, "--submission-id", job_id,
-                     "--runtime-env-json", json.dumps(runtime_env), "--",
+                     "--runtime-env-json", json.dumps(runtime_env), *([] if wait else ["--no-wait"]), "--",
                      sys.executable, str(REPO / "launch" / "train.py"), *overrides, env=env, timeout=900)
-    status = ray_cli("job", "status", "--address", address, job_id, env=env)
+    return job_id, submit
+
+
+@pytest.mark.slow
+def test_ray_job_stop_preempts_and_a_resubmitted_job_finishes_the_run(ray_cluster, synthetic_corpus, synthetic_shards,
+                                                                     tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_ray_fault import _plan
+    from trainer.components.sample_log import read_sample_log
+
+    address, env = ray_cluster
+    run_dir = tmp_path / "run"
+    overrides = ["launcher=ray", "launcher.num_workers=2", "--stage", "con", f"data.root={synthetic_corpus}",
+                 f"data.shards={synthetic_shards}", f"run.dir={run_dir}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                 *TINY_RUN]
+    first, submit = _submit(address, env, overrides, wait=False)
+    assert submit.returncode == 0, submit.stderr[-3000:]
+    log0 = run_dir / "samples" / "con.rank0.jsonl"
+    deadline = time.time() + 300
+    while not (log0.is_file() and any(line["step"] >= 2 for line in _lines(log0, read_sample_log))):
+        status = ray_cli("job", "status", "--address", address, first, env=env).stdout
+        assert "RUNNING" in status or "PENDING" in status, status + ray_cli("job", "logs", "--address", address,
+                                                                            first, env=env).stdout[-5000:]
+        assert time.time() < deadline, "the first job trained no step in 300 s"
+        time.sleep(0.5)
+    stopped = ray_cli("job", "stop", "--address", address, first, env=env, timeout=300)
+    logs = ray_cli("job", "logs", "--address", address, first, env=env).stdout
+    assert stopped.returncode == 0 and "preempted: the workers checkpointed" in logs, stopped.stdout + logs[-5000:]
+    tags = sorted(p for p in (run_dir / "checkpoints" / "con").glob("step*") if (p / "COMPLETE").is_file())
+    marker = json.loads((tags[-1] / "COMPLETE").read_text())
+    assert 2 <= marker["step"] < 12 and not marker["finished"]  # a mid-stage checkpoint, taken on the SIGTERM
+
+    second, submit = _submit(address, env, [*overrides, "run.resume=auto"], wait=True)
+    status = ray_cli("job", "status", "--address", address, second, env=env)
     # The CLI reports the terminal state as "Job '<id>' succeeded" (JobStatus.SUCCEEDED).
-    assert submit.returncode == 0 and f"Job '{job_id}' succeeded" in status.stdout, (
+    assert submit.returncode == 0 and f"Job '{second}' succeeded" in status.stdout, (
         status.stdout[-1000:] + submit.stdout[-6000:] + submit.stderr[-3000:])
 
-    payload = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # the two jobs trained steps 1..12 once each, on each rank's local-rule samples
+    for rank in (0, 1):
+        lines = read_sample_log(run_dir / "samples" / f"con.rank{rank}.jsonl")
+        assert [line["step"] for line in lines] == list(range(1, 13))
+        assert [line["keys"] for line in lines] == _plan(synthetic_shards, rank, 2, 4)
+    payload = json.loads((run_dir / "metrics.json").read_text())
     assert payload["stages"] == ["con"]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1 and runs[0].info.run_id == payload["mlflow_run_id"]  # rank 0 alone logs
+    assert len(runs) == 1 and runs[0].info.run_id == payload["mlflow_run_id"]  # rank 0 alone logs; one run
     metrics = runs[0].data.metrics
-    assert "con/loss" in metrics and "eval/con/t2v_R1" in metrics
-    # 2 workers x 4 per worker x 3 steps: both Ray Train ranks stepped on their own split.
-    assert metrics["con/samples_seen"] == 3 * 2 * 4
+    assert "con/loss" in metrics and "eval/con/t2v_R1" in metrics and "con/data_decode_error" in metrics
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "con/loss")]
+    assert steps == sorted(set(steps)) and set(steps) == set(range(1, 13))
+    # 2 workers x 4 per worker x 12 steps: both Ray Train ranks stepped on their own split.
+    assert metrics["con/samples_seen"] == 12 * 2 * 4
     assert runs[0].data.params["launcher.name"] == "ray"
     # each complete checkpoint was reported to Ray Train, which persisted it in its storage path
-    reported = [p for p in (tmp_path / "run" / "ray").rglob("checkpoint_*") if (p / "COMPLETE").is_file()]
-    assert reported, sorted(str(p) for p in (tmp_path / "run" / "ray").rglob("*"))[:20]
+    reported = [p for p in (run_dir / "ray").rglob("checkpoint_*") if (p / "COMPLETE").is_file()]
+    assert reported, sorted(str(p) for p in (run_dir / "ray").rglob("*"))[:20]
+
+
+def _lines(path, read):
+    try:
+        return read(path)
+    except (OSError, ValueError):  # caught mid-write
+        return []
+
+
+def test_the_fit_check_names_the_numbers_and_caps_the_pools():
+    from trainer.config import LauncherConfig
+    from trainer.launchers.errors import ClusterTooSmall
+    from trainer.launchers.ray import decode_range
+
+    # the defaults on a 2-CPU machine: 1 worker + 1 decode actor; no CPU left to grow the pool into
+    assert decode_range(LauncherConfig(name="ray"), {"CPU": 2.0}) == (1, 1)
+    # 2 workers on 16 CPUs: 7 left per worker, the pool may grow to its max of 4
+    assert decode_range(LauncherConfig(name="ray", num_workers=2), {"CPU": 16.0}) == (1, 4)
+    assert decode_range(LauncherConfig(name="ray", num_workers=2), {"CPU": 7.0}) == (1, 2)
+    with pytest.raises(ClusterTooSmall, match=r"needs 6 CPUs and 6 GPUs .* cluster has 8 CPUs and 4 GPUs"):
+        decode_range(LauncherConfig(name="ray", num_workers=3, use_gpu=True), {"CPU": 8.0, "GPU": 4.0})
+    # an autoscaling cluster: taken as configured
+    assert decode_range(LauncherConfig(name="ray", num_workers=8, check_fit=False), {"CPU": 2.0}) == (1, 4)

@@ -100,3 +100,37 @@ def test_torn_checkpoint_is_ignored_and_shape_changes_are_refused(tmp_path):
     assert find_resume_point("auto", tmp_path / "fresh", {"max_frames": 4}) is None
     with pytest.raises(FileNotFoundError, match="not a complete"):
         find_resume_point(str(stage_dir / "step00000005"), tmp_path, {"max_frames": 4})
+
+
+def test_sample_log_keeps_the_history_of_the_weights(tmp_path):
+    """A resumed stage drops the lines of the steps it redoes; a fresh one starts empty."""
+    from trainer.components.sample_log import SampleLog, read_sample_log
+
+    log = SampleLog(tmp_path, "con", 0, enabled=True)
+    log.resume_at(0)
+    for step in range(1, 6):
+        log.write(step, 0, [f"k{step}a", f"k{step}b"])
+    log.close()  # killed after step 5; its checkpoint is step 3
+    again = SampleLog(tmp_path, "con", 0, enabled=True)
+    again.resume_at(3)
+    again.write(4, 0, ["x"])
+    again.close()
+    assert [(line["step"], line["keys"]) for line in read_sample_log(again.path)] == [
+        (1, ["k1a", "k1b"]), (2, ["k2a", "k2b"]), (3, ["k3a", "k3b"]), (4, ["x"])]
+    fresh = SampleLog(tmp_path, "con", 0, enabled=True)
+    fresh.resume_at(0)
+    fresh.close()
+    assert read_sample_log(fresh.path) == []
+    off = SampleLog(tmp_path / "off", "con", 0, enabled=False)
+    off.resume_at(0)
+    off.write(1, 0, ["k"])
+    assert not off.path.exists()
+
+
+def test_a_preempt_file_stops_the_loop_like_a_signal(tmp_path):
+    from trainer.components.preemption import STOP_FILE, GracefulStop
+
+    with GracefulStop(tmp_path / STOP_FILE) as stop:
+        assert not stop.should_stop()
+        (tmp_path / STOP_FILE).write_text("SIGTERM")
+        assert stop.should_stop() and stop.should_stop()

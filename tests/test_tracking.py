@@ -146,6 +146,24 @@ def test_resume_same_run(store):
     assert _history(client, run_id, "con/loss") == [(0, 3.0), (1, 2.0)]
 
 
+def test_a_resumed_run_does_not_log_a_step_twice(store):
+    """The interrupted process logged steps 1..5 but checkpointed at 3: the resumed one redoes 4
+    and 5 and logs them again; MLflow keeps one point per step (the first), new steps go through."""
+    uri, _ = store
+    with MetricsLogger(uri, "exp", flush_every_s=60.0) as first:
+        run_id = first.run_id
+        for step in range(1, 6):
+            first.log_metrics({"con/loss": float(step)}, step=step)
+    with MetricsLogger(uri, "exp", run_id=run_id, flush_every_s=60.0) as resumed:
+        for step in range(4, 8):
+            resumed.log_metrics({"con/loss": float(step), "con/lr": 0.1}, step=step)
+        resumed.log_metrics({"con/loss": 99.0}, step=7)  # this process's own points are not filtered
+        assert resumed.skipped_logged == 2
+    client = MlflowClient(tracking_uri=uri)
+    assert [s for s, _ in _history(client, run_id, "con/loss")] == [1, 2, 3, 4, 5, 6, 7, 7]
+    assert _history(client, run_id, "con/lr") == [(4, 0.1), (5, 0.1), (6, 0.1), (7, 0.1)]
+
+
 def test_resume_unknown_run_id_is_a_clear_error(store):
     uri, _ = store
     with pytest.raises(ValueError, match="does not exist"):

@@ -197,12 +197,21 @@ class TrackingConfig:
 @dataclass
 class LauncherConfig:
     name: str = "local"  # local | deepspeed | ray
-    # launcher=ray only (trainer/ray_launcher.py):
+    # launcher=ray only (trainer/launchers/ray.py); the defaults fit a 2-CPU machine:
     address: str = ""  # Ray cluster; "" = RAY_ADDRESS / the job's cluster / a new local one
-    num_workers: int = 2  # Ray Train workers = ranks
+    num_workers: int = 1  # Ray Train workers = ranks
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    decode_actors: int = 1  # Ray Data actors decoding clips for the train split
+    # Per worker, a pool of Ray Data actors (1 CPU each) decoding its clips anywhere in the
+    # cluster: at least min, up to max while the cluster has CPUs the workers do not hold.
+    decode_actors_min: int = 1
+    decode_actors_max: int = 4
+    placement: str = "PACK"  # of the workers over nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    max_failures: int = 3  # restarts of the worker group (a worker or node lost) before the job fails
+    stall_timeout_s: float = 600.0  # a worker with no batch for this long fails, saying why (0 = wait)
+    # Refuse to start when the cluster cannot hold workers + the decode pools' minimum (false for
+    # an autoscaling cluster, whose nodes come after the request).
+    check_fit: bool = True
     storage_path: str = ""  # Ray Train run storage; "" = <run.dir>/ray
 
 
@@ -219,6 +228,7 @@ class RunConfig:
     resume: str = "none"  # none | auto (newest complete checkpoint of run.dir) | <checkpoint dir>
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end of each stage (and on SIGTERM/SIGINT)
     keep_last: int = 2  # complete checkpoints kept per stage, plus the best one (see eval_every)
+    sample_log: bool = False  # the keys each step of stage con trained on: <run dir>/samples/ (audit)
     eval_every: int = 0  # optimizer steps between mid-stage evaluations of stage con (0 = only after
     # each stage); each one checkpoints, and `best` is then the best evaluated checkpoint (t2v Rsum)
     # A stage whose loss sits at chance (within collapse_margin nats of ln(pool)) or whose

@@ -27,7 +27,8 @@ from trainer.components.extraction import extract_split
 from trainer.components.feature_store import bank_dir, read_index as read_bank_index, store_dtype
 from trainer.components.features import FeatureBank, encode_split, limited
 from trainer.components.mlflow_store import flatten_params
-from trainer.components.rundir import RUN_FILE, claim, named
+from trainer.components.preemption import STOP_FILE
+from trainer.components.rundir import RUN_FILE, claim, named, record_mlflow_run, recorded_mlflow_run
 from trainer.components.tracking import MetricsLogger
 from trainer.config import RootConfig
 from trainer.evaluation.outputs import log_evaluation, write_outputs
@@ -39,9 +40,13 @@ from trainer.stages.gen import train_gen
 
 
 def train(dcfg: DictConfig, *, train_source: TrainSourceFactory = local_train_source,
-          after_checkpoint: Callable[[Path, int], None] | None = None, dir_claimed: bool = False) -> Evaluation:
+          after_checkpoint: Callable[[Path, int], None] | None = None, dir_claimed: bool = False,
+          restarted: bool = False) -> Evaluation:
     """One run end to end. ``dir_claimed``: the launcher already claimed ``run.dir`` for this run
-    (``trainer.components.rundir.claim``: the Ray driver, before Ray Train writes into it)."""
+    (``trainer.components.rundir.claim``: the Ray driver, before Ray Train writes into it).
+    ``restarted``: the launcher restarted this run's processes after a failure (Ray Train): it
+    resumes from the newest complete checkpoint whatever ``run.resume`` says, and continues the
+    run's MLflow run even when the failure came before the first checkpoint."""
     dist = init_distributed(dcfg.deepspeed.backend, dcfg.run.device)
     dcfg = named(dcfg, decided_once)
     cfg: RootConfig = OmegaConf.to_object(dcfg)
@@ -53,12 +58,19 @@ def train(dcfg: DictConfig, *, train_source: TrainSourceFactory = local_train_so
         check_gen_init(cfg, run_dir)
         if not dir_claimed:
             claim(run_dir, resume=cfg.run.resume, continues=continues, overwrite=cfg.run.overwrite)
+            (run_dir / STOP_FILE).unlink(missing_ok=True)  # an earlier job's stop request is not this one's
     barrier()
     run_uid = json.loads((run_dir / RUN_FILE).read_text())["run_uid"]
-    resume = find_resume_point(cfg.run.resume, run_dir, shape_key(cfg), run_uid)
+    resume_from = "auto" if restarted and cfg.run.resume == "none" else cfg.run.resume
+    resume = find_resume_point(resume_from, run_dir, shape_key(cfg), run_uid)
+    run_id = resume.marker.get("mlflow_run_id") if resume else None
+    if run_id is None and restarted:
+        run_id = recorded_mlflow_run(run_dir, cfg.tracking.uri)
     tracker = MetricsLogger(cfg.tracking.uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.run.name,
-                            run_id=resume.marker.get("mlflow_run_id") if resume else None, rank=dist.rank,
+                            run_id=run_id, rank=dist.rank,
                             flush_every_s=cfg.tracking.flush_every_s, system_metrics=cfg.tracking.system_metrics)
+    if dist.is_main:
+        record_mlflow_run(run_dir, tracker.run_id, cfg.tracking.uri)
     ctx = RunContext(cfg, dist, run_dir, tracker, shapes=shape_key(cfg), after_checkpoint=after_checkpoint,
                      run_uid=run_uid)
     with tracker:

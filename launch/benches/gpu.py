@@ -100,7 +100,7 @@ def _jpeg(shards: Path, device: str) -> dict:
 def _ray(shards: Path, video_shards: Path, device: str) -> dict:
     import ray
 
-    from shards.ray_source import ray_dataset
+    from shards.ray_source import split_dataset
 
     use_gpu = device == "cuda"
     with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as tmp:
@@ -112,8 +112,8 @@ def _ray(shards: Path, video_shards: Path, device: str) -> dict:
             for name, path in (("frames_nvjpeg" if use_gpu else "frames_cpu", shards),
                                ("video_gpu_actors" if use_gpu else "video_cpu_actors", video_shards)):
                 t0 = time.perf_counter()
-                rows = ray_dataset(path, "bench", max_frames=12, image_size=224 if use_gpu else 32, sample_fps=1.0,
-                                   num_actors=1, use_gpu=use_gpu).count()
+                rows = split_dataset(path, "bench", max_frames=12, image_size=224 if use_gpu else 32, sample_fps=1.0,
+                                     use_gpu=use_gpu).count()
                 dt = time.perf_counter() - t0
                 out[name] = {"rows": rows, "seconds": dt, "rows_per_s": rows / dt}
         finally:

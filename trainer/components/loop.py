@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from trainer.components.checkpoint import CheckpointManager
 from trainer.components.engine import learning_rates
-from trainer.components.preemption import GracefulStop, Preempted
+from trainer.components.preemption import STOP_FILE, GracefulStop, Preempted
 
 MicroStep = Callable[[object], tuple[dict[str, float], int]]  # item -> (metrics incl. "loss", samples)
 
@@ -61,7 +61,7 @@ def run_stage(ctx, stage: str, engine, ckpt: CheckpointManager, state: LoopState
     metrics: dict[str, float] = {}
     progress = tqdm(total=total, initial=state.step, desc=f"stage {stage}",
                     disable=not (ctx.cfg.run.progress and ctx.dist.is_main))
-    with GracefulStop() as stop:
+    with GracefulStop(ctx.run_dir / STOP_FILE) as stop:
         for item in (micro_batches if state.step < total else ()):
             timer.data_ready()
             boundary = engine.is_gradient_accumulation_boundary()

@@ -1,17 +1,28 @@
-"""Preemption: SIGTERM/SIGINT ask a stage loop to finish its step, checkpoint and exit 0."""
+"""Preemption: SIGTERM/SIGINT, or a ``<run_dir>/PREEMPT`` file, ask a stage loop to finish its
+step, checkpoint and exit 0.
+
+The file is how a request reaches a loop that no signal reaches: Ray Train runs it in a thread
+of a worker actor, so the Ray driver turns the SIGTERM of ``ray job stop`` into the file
+(``trainer.launchers.ray.StopOnSignal``); ``touch <run_dir>/PREEMPT`` stops any run the same way.
+One ``stat`` per optimizer step.
+"""
 from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 
 import torch
+
+STOP_FILE = "PREEMPT"
 
 
 class GracefulStop:
     """SIGTERM/SIGINT ask the loop to finish its step, checkpoint and exit 0 (preemption)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_file: Path | None = None) -> None:
         self.requested = False
+        self.stop_file = stop_file
         self._previous = {}
 
     def __enter__(self) -> "GracefulStop":
@@ -27,6 +38,8 @@ class GracefulStop:
 
     def should_stop(self) -> bool:
         """True on every rank as soon as one rank was signalled."""
+        if self.stop_file is not None and not self.requested and self.stop_file.exists():
+            self.requested = True
         flag = torch.tensor([int(self.requested)])
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)

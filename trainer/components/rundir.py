@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 RUN_FILE = "run.json"
 # Everything a run writes into its dir; run.overwrite=true deletes exactly these.
-ARTIFACTS = (RUN_FILE, "con.pt", "gen.pt", "metrics.json", "config.yaml", "checkpoints", "features", "plots", "ray")
+ARTIFACTS = (RUN_FILE, "con.pt", "gen.pt", "metrics.json", "config.yaml", "checkpoints", "features", "plots", "ray",
+             "samples", "PREEMPT")
 
 
 class RunDirTaken(ValueError):
@@ -87,6 +88,26 @@ def _new(run_dir: Path) -> str:
     uid = uuid.uuid4().hex
     (run_dir / RUN_FILE).write_text(json.dumps({"run_uid": uid, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
     return uid
+
+
+def record_mlflow_run(run_dir: Path, run_id: str | None, uri: str) -> None:
+    """Note the run's MLflow run in ``run.json`` (rank 0, once it exists): a worker group that Ray
+    Train restarts before the first checkpoint continues it instead of opening a second one."""
+    record = Path(run_dir) / RUN_FILE
+    if not run_id or not record.is_file():
+        return
+    info = json.loads(record.read_text())
+    if info.get("mlflow") != {"run_id": run_id, "uri": uri}:
+        tmp = record.with_name(f".{RUN_FILE}.tmp")
+        tmp.write_text(json.dumps(dict(info, mlflow={"run_id": run_id, "uri": uri})))
+        tmp.replace(record)
+
+
+def recorded_mlflow_run(run_dir: Path, uri: str) -> str | None:
+    """The MLflow run ``record_mlflow_run`` noted for this tracking ``uri``, if any."""
+    record = Path(run_dir) / RUN_FILE
+    mlflow = json.loads(record.read_text()).get("mlflow") if record.is_file() else None
+    return mlflow["run_id"] if mlflow and mlflow.get("uri") == uri else None
 
 
 def check_same_run(marker: dict, run_uid: str, where: Path) -> None:

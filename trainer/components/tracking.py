@@ -93,6 +93,11 @@ class MetricsLogger:
         self._sample_process = False
         self._system_step = 0
         self._in_flight = 0
+        # A resumed run redoes the steps after its checkpoint, which the interrupted process may
+        # have logged already: per metric, the steps MLflow holds are not logged again (fetched
+        # once per name), so no step of the run's history is counted twice.
+        self._logged_through: dict[str, int] | None = {} if run_id is not None else None
+        self.skipped_logged = 0
 
         if self.uri.startswith(("http://", "https://")):
             _probe_http(self.uri)
@@ -234,8 +239,22 @@ class MetricsLogger:
                     log.warning("MLflow: skipping non-finite value %r for metric %r at step %d "
                                 "(warned once per metric)", value, key, step)
                 continue
+            if self._logged_through is not None and int(step) <= self._held_through(key):
+                self.skipped_logged += 1
+                continue
             points.append(Metric(key, value, timestamp_ms, int(step)))
         self._enqueue(points, at_front=False)
+
+    def _held_through(self, key: str) -> int:
+        """The last step of ``key`` the resumed MLflow run held when this logger opened it (-1: none)."""
+        if key not in self._logged_through:
+            try:
+                steps = [m.step for m in self._client.get_metric_history(self.run_id, key)]
+            except Exception as exc:  # tracking never kills a run: log everything rather than fail
+                log.warning("MLflow: could not read the history of %r (%s); logging it again", key, _describe(exc))
+                steps = []
+            self._logged_through[key] = max(steps, default=-1)
+        return self._logged_through[key]
 
     def _enqueue(self, points: list, *, at_front: bool) -> None:
         with self._buffer_lock:

@@ -15,9 +15,13 @@ from trainer.components.export import UnsafeFile
 from trainer.components.mlflow_store import TrackingUnavailable
 from trainer.components.rundir import RunDirTaken
 
+class ClusterTooSmall(ValueError):
+    """launcher=ray: the cluster cannot hold the training workers and the decode pools' minimum."""
+
+
 # TrainingCollapsed is not the user's input, but it is the user's to act on, in one line.
 USER_ERRORS = (FileNotFoundError, AnnotationError, ManifestError, TrackingUnavailable, TrainingCollapsed,
-               UnsafeFile, UnknownSplit, PackRefused, ShardMembersMissing, RunDirTaken)
+               UnsafeFile, UnknownSplit, PackRefused, ShardMembersMissing, RunDirTaken, ClusterTooSmall)
 Loaded = TypeVar("Loaded")
 
 

@@ -19,6 +19,7 @@ from trainer.components.data import TrainSource
 from trainer.components.engine import build_engine, engine_dtype
 from trainer.components.export import export_stage
 from trainer.components.loop import LoopState, epochs, run_stage
+from trainer.components.sample_log import SampleLog
 from trainer.config import ConConfig
 from trainer.models import RetrievalEncoder, TextFeatures, VideoFeatures
 from trainer.models.encoder import TEXT_FUSION_INPUTS, VIDEO_FUSION_INPUTS
@@ -176,8 +177,11 @@ def train_con(ctx, encoder: RetrievalEncoder, source: TrainSource, resume: Resum
     if resume is not None:
         ckpt.restore(engine, resume)
     dtype, world = engine_dtype(engine), ctx.dist.world_size
+    samples = SampleLog(ctx.run_dir, "con", ctx.dist.rank, cfg.run.sample_log)
+    samples.resume_at(state.step)
 
     def micro_step(batch: dict) -> tuple[dict[str, float], int]:
+        samples.write(state.step + 1, source.epoch, batch["key"])
         return {"loss": contrastive_step(engine, batch, dtype, ctx.dist.device)}, len(batch["video_id"]) * world
 
     def extra_metrics() -> dict[str, float]:
@@ -199,5 +203,6 @@ def train_con(ctx, encoder: RetrievalEncoder, source: TrainSource, resume: Resum
     tag_dir = run_stage(ctx, "con", engine, ckpt, state, total=total, micro_batches=epochs(source),
                         micro_step=micro_step, log_every=con.log_every, extra_metrics=extra_metrics,
                         evaluate=evaluate, eval_every=eval_every, monitor=monitor)
+    samples.close()
     return export_stage(engine, "con", tag_dir, ctx.run_dir, step=state.step, model_config=asdict(cfg.model),
                         max_frames=cfg.data.max_frames)

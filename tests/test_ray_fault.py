@@ -1,0 +1,244 @@
+"""launcher=ray on a real multi-node Ray cluster on this host (``ray.cluster_utils.Cluster``, the
+way Ray tests multi-node itself): a head with no CPUs and two 2-CPU nodes, a driver started as
+users start it (``python launch/train.py launcher=ray launcher.address=...``).
+
+- a Ray Train worker killed with SIGKILL mid-job: the group restarts from the newest checkpoint and
+  the job ends with every step, the same samples in the same steps and the same losses as an
+  uninterrupted local run, in one MLflow run that logs no step twice;
+- two workers spread over both nodes, decode actors on both, and the node holding rank 0 lost
+  mid-job (a replacement node joins): the job ends with every step and each rank trains on its
+  local-rule samples, each exactly once per epoch;
+- a job the cluster cannot hold is refused in one line, before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from shards.stream import ShardStream  # noqa: E402
+from tests.support import NO_VAL  # noqa: E402
+from trainer.components.sample_log import read_sample_log  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH = 4
+RUN = ["--stage", "con", "data.max_frames=4", "data.max_words=16", f"data.batch_size={BATCH}",
+       "data.eval_batch_size=8", "data.num_workers=0", "data.shuffle_buffer=8", "run.progress=false",
+       "tracking.flush_every_s=0.2", "run.sample_log=true", "deepspeed.precision=fp32", "stage.con.log_every=1",
+       "run.checkpoint_every=3", "tracking.register=false", NO_VAL]
+NODE_CPUS = 2
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (the GCS, no CPUs: nothing is scheduled there) + two worker nodes of 2 CPUs. Node death
+    is noticed within ~2 s (health checks every 0.5 s), not Ray's default 30 s."""
+    from ray.cluster_utils import Cluster
+
+    temp_dir = tempfile.mkdtemp(prefix="rayf", dir="/tmp")  # Ray's unix sockets need a short path
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "temp_dir": temp_dir, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
+                           "health_check_initial_delay_ms": 0}})
+    for _ in range(2):
+        c.add_node(num_cpus=NODE_CPUS)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)  # this process watches the cluster's actor table
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def _driver(cluster, run_dir: Path, shards: Path, corpus: Path, db: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "launcher=ray", f"launcher.address={cluster.address}",
+           f"data.root={corpus}", f"data.shards={shards}", f"run.dir={run_dir}", f"tracking.uri=sqlite:///{db}", *RUN,
+           *extra]
+    log = open(run_dir.parent / f"{run_dir.name}.driver.log", "w")
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir.parent)
+
+
+def _wait_for(what: str, check, proc: subprocess.Popen, timeout: float = 240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = check()
+        if got:
+            return got
+        if proc.poll() is not None:
+            raise AssertionError(f"the driver exited ({proc.returncode}) before {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _finished(proc: subprocess.Popen, run_dir: Path, timeout: float = 400) -> str:
+    proc.wait(timeout=timeout)
+    log = (run_dir.parent / f"{run_dir.name}.driver.log").read_text()
+    assert proc.returncode == 0, log[-6000:]
+    return log
+
+
+def _logged_steps(run_dir: Path, db: Path, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_id for r in runs]  # restarts continued the one MLflow run
+    assert runs[0].info.run_id == json.loads((run_dir / "metrics.json").read_text())["mlflow_run_id"]
+    return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key))
+
+
+def _resumed(run_dir: Path, old_pid: int, rank: int = 0):
+    """True once a new worker group wrote ``workers.json`` and resumed: restored its checkpoint and
+    rewrote rank ``rank``'s sample log (truncated to that checkpoint: a new file)."""
+    path = run_dir / "samples" / f"con.rank{rank}.jsonl"
+    old_inode = path.stat().st_ino
+
+    def check() -> bool:
+        try:
+            workers = json.loads((run_dir / "ray" / "workers.json").read_text())
+            return workers["0"]["pid"] != old_pid and path.stat().st_ino != old_inode
+        except (OSError, ValueError, KeyError):  # caught mid-write
+            return False
+
+    return check
+
+
+def _checkpointed(run_dir: Path, step: int):
+    return lambda: (run_dir / "checkpoints" / "con" / f"step{step:08d}" / "COMPLETE").is_file()
+
+
+def _plan(shards: Path, rank: int, world: int, epochs: int) -> list[list[str]]:
+    """The batches of keys the local rule gives rank ``rank`` for ``epochs`` epochs (tar reads, no decode)."""
+    stream = ShardStream(shards, "train", max_frames=4, image_size=32, training=True, seed=0, shuffle_buffer=8,
+                         rank=rank, world_size=world)
+    batches = []
+    for epoch in range(epochs):
+        stream.set_epoch(epoch)
+        keys = [raw["__key__"] for raw in stream.raw_samples(0, 1, 0, stream.samples_per_rank)]
+        batches += [keys[i:i + BATCH] for i in range(0, len(keys), BATCH)]
+    return batches
+
+
+def test_a_killed_worker_comes_back_and_the_run_is_the_uninterrupted_one(cluster, synthetic_corpus, synthetic_shards,
+                                                                         tmp_path):
+    steps = 12  # two epochs of 6 batches
+    db = tmp_path / "mlflow.db"
+    run_dir = tmp_path / "ray_run"
+    run_dir.mkdir()
+    driver = _driver(cluster, run_dir, synthetic_shards, synthetic_corpus, db, f"stage.con.max_steps={steps}")
+    _wait_for("the first checkpoint", _checkpointed(run_dir, 3), driver)
+    worker = json.loads((run_dir / "ray" / "workers.json").read_text())["0"]
+    resumed = _resumed(run_dir, worker["pid"])
+    os.kill(worker["pid"], signal.SIGKILL)
+    killed = time.time()
+    _wait_for("the restarted worker's resume", resumed, driver)
+    recovery_s = time.time() - killed
+    log = _finished(driver, run_dir)
+    assert "worker group restarted" in log
+    print(f"killed worker: {recovery_s:.1f} s from SIGKILL to the restarted worker resuming from its checkpoint")
+
+    # the uninterrupted reference: the same run on the local launcher, one thread as a Ray worker has
+    local_dir = tmp_path / "local_run"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    local = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), f"data.root={synthetic_corpus}",
+                            f"data.shards={synthetic_shards}", f"run.dir={local_dir}",
+                            f"tracking.uri=sqlite:///{tmp_path / 'local.db'}", *RUN, f"stage.con.max_steps={steps}"],
+                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+
+    ray_log = read_sample_log(run_dir / "samples" / "con.rank0.jsonl")
+    local_log = read_sample_log(local_dir / "samples" / "con.rank0.jsonl")
+    assert [line["step"] for line in ray_log] == list(range(1, steps + 1))  # no step twice, none missing
+    assert ray_log == local_log  # the same samples in the same steps: none replayed, none skipped
+    assert [line["keys"] for line in ray_log] == _plan(synthetic_shards, 0, 1, 2)
+    for epoch in (0, 1):  # each sample once per epoch
+        keys = [k for line in ray_log if line["epoch"] == epoch for k in line["keys"]]
+        assert sorted(keys) == sorted(f"train{i:05d}" for i in range(24))
+
+    ray_losses = _logged_steps(run_dir, db, "con/loss")
+    assert [s for s, _ in ray_losses] == list(range(1, steps + 1))  # the redone steps were not logged twice
+    local_losses = _logged_steps(local_dir, tmp_path / "local.db", "con/loss")
+    assert ray_losses == local_losses  # bit-equal: fp32, deterministic, the same batches and RNG states
+    ray_eval = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    assert ray_eval == json.loads((local_dir / "metrics.json").read_text())["metrics"]
+
+
+def _actor_nodes(class_part: str, job_hex: str | None = None) -> set[str]:
+    actors = ray._private.state.actors().values()
+    return {a["Address"]["NodeID"] for a in actors if class_part in a["ActorClassName"]
+            and (job_hex is None or a["JobID"] == job_hex)}
+
+
+def test_two_nodes_rank0s_node_lost_and_replaced(cluster, synthetic_corpus, synthetic_shards, tmp_path):
+    steps = 9  # three epochs of 3 batches per rank
+    db = tmp_path / "mlflow.db"
+    run_dir = tmp_path / "ray_run"
+    run_dir.mkdir()
+    before = set(_actor_nodes("MapWorker"))
+    driver = _driver(cluster, run_dir, synthetic_shards, synthetic_corpus, db, f"stage.con.max_steps={steps}",
+                     "launcher.num_workers=2", "launcher.placement=STRICT_SPREAD", "launcher.max_failures=2",
+                     f"launcher.storage_path={tmp_path / 'ray_storage'}")
+    storage = tmp_path / "ray_storage"
+    # Ray Train registers a checkpoint once every rank has reported it: the second one persisted
+    # means the first (step 3) is registered. Each epoch (3 steps) starts a new decode pipeline
+    # (seconds), so step 9 is still ahead.
+    _wait_for("two checkpoints reported to Ray Train",
+              lambda: sum((p / "COMPLETE").is_file() for p in storage.rglob("checkpoint_*")) >= 2, driver)
+    workers = json.loads((run_dir / "ray" / "workers.json").read_text())
+    assert workers["0"]["node_id"] != workers["1"]["node_id"]  # one training worker per node
+    decoders = _actor_nodes("MapWorker") - before
+    nodes = {n.node_id: n for n in cluster.worker_nodes}
+    assert {workers["0"]["node_id"], workers["1"]["node_id"]} <= set(nodes)
+    lost = nodes[workers["0"]["node_id"]]
+    resumed = _resumed(run_dir, workers["0"]["pid"])
+    cluster.remove_node(lost, allow_graceful=False)
+    lost_at = time.time()
+    # The run dir loses its checkpoints too (as a node-local run dir would): the restarted group must
+    # adopt the one Ray Train keeps in launcher.storage_path.
+    for tag in (run_dir / "checkpoints" / "con").glob("step*"):
+        shutil.rmtree(tag)
+    cluster.add_node(num_cpus=NODE_CPUS)  # the replacement a cloud autoscaler would bring
+    _wait_for("the restarted group's resume", resumed, driver, timeout=300)
+    recovery_s = time.time() - lost_at
+    log = _finished(driver, run_dir)
+    print(f"rank 0's node lost: {recovery_s:.1f} s to the restarted group resuming from its checkpoint; "
+          + "; ".join(line.split(")")[-1].strip() for line in log.splitlines() if "adopted the checkpoint" in line))
+    assert "worker group restarted" in log and "adopted the checkpoint reported to Ray Train" in log
+
+    all_decoders = _actor_nodes("MapWorker") - before
+    assert len({n for n in decoders if n in nodes}) == 2, decoders  # decode actors ran on both nodes
+    assert len(all_decoders) >= 2
+    for rank in (0, 1):
+        log_lines = read_sample_log(run_dir / "samples" / f"con.rank{rank}.jsonl")
+        assert [line["step"] for line in log_lines] == list(range(1, steps + 1))
+        assert [line["keys"] for line in log_lines] == _plan(synthetic_shards, rank, 2, 3)
+    assert [s for s, _ in _logged_steps(run_dir, db, "con/loss")] == list(range(1, steps + 1))
+
+
+def test_a_job_the_cluster_cannot_hold_is_refused_in_one_line(cluster, synthetic_corpus, synthetic_shards, tmp_path):
+    run_dir = tmp_path / "ray_run"
+    run_dir.mkdir()
+    # 2 nodes x 2 CPUs: 3 workers + 3 decode actors need 6
+    driver = _driver(cluster, run_dir, synthetic_shards, synthetic_corpus, tmp_path / "mlflow.db",
+                     "launcher.num_workers=3")
+    driver.wait(timeout=120)
+    log = (run_dir.parent / f"{run_dir.name}.driver.log").read_text()
+    assert driver.returncode == 2, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+    assert "needs 6 CPUs (3 workers x 1 CPU + 3 x launcher.decode_actors_min=1" in errors[0]
+    assert "cluster has 4 CPUs" in errors[0] and "launcher.num_workers" in errors[0]
+    assert list(run_dir.iterdir()) == []  # refused before the run dir was claimed
