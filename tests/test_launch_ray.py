@@ -171,6 +171,23 @@ def _lines(path, read):
         return []
 
 
+@pytest.mark.slow
+def test_the_default_ray_launcher_runs_on_the_machine_it_starts_ray_on(synthetic_corpus, synthetic_shards, tmp_path):
+    """`launcher=ray` with its defaults and no cluster: the launcher starts Ray on this machine
+    (2 CPUs in CI) and the job fits: 1 worker + 1 decode actor, the read task at 0 CPUs. (It once
+    sat at 0 rows for 10 minutes: worker and actor held both CPUs, the read task waited for one.)"""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR="/tmp")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "launcher=ray", "--stage", "con",
+                           f"data.root={synthetic_corpus}", f"data.shards={synthetic_shards}", f"run.dir={tmp_path / 'run'}",
+                           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *TINY_RUN, "stage.con.max_steps=3",
+                           "launcher.stall_timeout_s=240"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "launcher=ray: 1 workers x 1 CPU (PACK), decode actors 1.." in proc.stdout
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stages"] == ["con"]
+
+
 def test_the_fit_check_names_the_numbers_and_caps_the_pools():
     from trainer.config import LauncherConfig
     from trainer.launchers.errors import ClusterTooSmall

@@ -5,9 +5,10 @@ users start it (``python launch/train.py launcher=ray launcher.address=...``).
 - a Ray Train worker killed with SIGKILL mid-job: the group restarts from the newest checkpoint and
   the job ends with every step, the same samples in the same steps and the same losses as an
   uninterrupted local run, in one MLflow run that logs no step twice;
-- two workers spread over both nodes, decode actors on both, and the node holding rank 0 lost
-  mid-job (a replacement node joins): the job ends with every step and each rank trains on its
-  local-rule samples, each exactly once per epoch;
+- two workers spread over both nodes, decode actors on both, shards and Ray Train's checkpoints
+  on S3 (moto's server), and the node holding rank 0 lost mid-job with the run dir's checkpoints
+  (a replacement node joins): the restarted group adopts the checkpoint Ray Train kept, the job
+  ends with every step and each rank trains on its local-rule samples, each once per epoch;
 - a job the cluster cannot hold is refused in one line, before anything is written.
 """
 from __future__ import annotations
@@ -42,9 +43,11 @@ NODE_CPUS = 2
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3):
     """Head (the GCS, no CPUs: nothing is scheduled there) + two worker nodes of 2 CPUs. Node death
-    is noticed within ~2 s (health checks every 0.5 s), not Ray's default 30 s."""
+    is noticed within ~2 s (health checks every 0.5 s), not Ray's default 30 s. The nodes start
+    after the S3 server (``s3``), so their processes reach it as every node of a cloud cluster
+    reaches its bucket."""
     from ray.cluster_utils import Cluster
 
     temp_dir = tempfile.mkdtemp(prefix="rayf", dir="/tmp")  # Ray's unix sockets need a short path
@@ -182,21 +185,30 @@ def _actor_nodes(class_part: str) -> dict[str, str]:
             if class_part in a["ActorClassName"]}
 
 
-def test_two_nodes_rank0s_node_lost_and_replaced(cluster, synthetic_corpus, synthetic_shards, tmp_path):
+def test_two_nodes_rank0s_node_lost_and_replaced(cluster, s3, s3_shards, synthetic_corpus, tmp_path):
+    """The multi-node layout: shards and Ray Train's checkpoints on object storage (every node
+    reaches it), run dir and MLflow store on a filesystem they share (one host's here)."""
+    import s3fs
+
     steps = 9  # three epochs of 3 batches per rank
     db = tmp_path / "mlflow.db"
     run_dir = tmp_path / "ray_run"
     run_dir.mkdir()
     before = set(_actor_nodes("MapWorker"))  # actor ids of earlier tests' pools
-    driver = _driver(cluster, run_dir, synthetic_shards, synthetic_corpus, db, f"stage.con.max_steps={steps}",
+    storage = f"{s3}/ray-{tmp_path.name}"
+    driver = _driver(cluster, run_dir, s3_shards, synthetic_corpus, db, f"stage.con.max_steps={steps}",
                      "launcher.num_workers=2", "launcher.placement=STRICT_SPREAD", "launcher.max_failures=2",
-                     f"launcher.storage_path={tmp_path / 'ray_storage'}")
-    storage = tmp_path / "ray_storage"
+                     f"launcher.storage_path={storage}")
+    bucket = s3fs.S3FileSystem()
+
+    def reported() -> int:
+        bucket.invalidate_cache()
+        return len(bucket.glob(f"{storage}/*/checkpoint_*/COMPLETE"))
+
     # Ray Train registers a checkpoint once every rank has reported it: the second one persisted
     # means the first (step 3) is registered. Each epoch (3 steps) starts a new decode pipeline
     # (seconds), so step 9 is still ahead.
-    _wait_for("two checkpoints reported to Ray Train",
-              lambda: sum((p / "COMPLETE").is_file() for p in storage.rglob("checkpoint_*")) >= 2, driver)
+    _wait_for("two checkpoints reported to Ray Train", lambda: reported() >= 2, driver)
     workers = json.loads((run_dir / "ray" / "workers.json").read_text())
     assert workers["0"]["node_id"] != workers["1"]["node_id"]  # one training worker per node
     decoders = {n for a, n in _actor_nodes("MapWorker").items() if a not in before}
@@ -222,7 +234,7 @@ def test_two_nodes_rank0s_node_lost_and_replaced(cluster, synthetic_corpus, synt
     for rank in (0, 1):
         log_lines = read_sample_log(run_dir / "samples" / f"con.rank{rank}.jsonl")
         assert [line["step"] for line in log_lines] == list(range(1, steps + 1))
-        assert [line["keys"] for line in log_lines] == _plan(synthetic_shards, rank, 2, 3)
+        assert [line["keys"] for line in log_lines] == _plan(s3_shards, rank, 2, 3)
     assert [s for s, _ in _logged_steps(run_dir, db, "con/loss")] == list(range(1, steps + 1))
 
 
