@@ -125,11 +125,7 @@ class StreamLoader:
         stream = self.stream
         done = 0
         if self.training:
-            stream.check_resume_layout(self.batch_size, self.num_workers)
-            if stream.samples_consumed >= stream.samples_per_rank > 0:
-                stream.set_epoch(stream.epoch + 1)
-            done = stream.batches_consumed(self.batch_size)
-            stream.samples_consumed = done * self.batch_size  # snap to the batch boundary we resume from
+            done = stream.begin_pass(self.batch_size, self.num_workers)
         dataset = _Batches(stream, self.batch_size, self.max_words, self.training, self.seed, done)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             persistent_workers=False, prefetch_factor=2 if self.num_workers else None)

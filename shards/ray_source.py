@@ -296,11 +296,7 @@ class RayStreamLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stream, size = self.stream, self.batch_size
-        stream.check_resume_layout(size, 0)
-        if stream.samples_consumed >= stream.samples_per_rank > 0:
-            stream.set_epoch(stream.epoch + 1)
-        done = stream.batches_consumed(size)
-        stream.samples_consumed = skip = done * size
+        skip = stream.begin_pass(size, 0) * size
         dataset = ray_dataset(stream, skip=skip, decode_actors=self.decode_actors, use_gpu=self.use_gpu)
         collate = TrainBatchCollate(max_words=self.max_words, seed=self.seed, epoch=stream.epoch)
         what = f"{stream.split} epoch {stream.epoch} rank {stream.rank}"

@@ -139,6 +139,17 @@ class ShardStream(IterableDataset):
                         "remaining samples will differ from the saved run's", self.split, batch_size, num_workers,
                         saved)
 
+    def begin_pass(self, batch_size: int, num_workers: int) -> int:
+        """Where a training loader's next ``iter`` starts: the next epoch when this one is spent,
+        else the batch boundary at or below what was consumed (snapped to it). Returns the batches of
+        the epoch already consumed; warns once when a loaded state had another batch layout."""
+        self.check_resume_layout(batch_size, num_workers)
+        if self.samples_consumed >= self.samples_per_rank > 0:
+            self.set_epoch(self.epoch + 1)
+        done = self.batches_consumed(batch_size)
+        self.samples_consumed = done * batch_size
+        return done
+
     # --- layout ----------------------------------------------------------------------------------
     def num_batches(self, batch_size: int) -> int:
         """Batches per epoch on this rank when training."""

@@ -128,7 +128,8 @@ def test_sample_log_keeps_the_history_of_the_weights(tmp_path):
 
 
 def test_a_preempt_file_stops_the_loop_like_a_signal(tmp_path):
-    from trainer.components.preemption import STOP_FILE, GracefulStop
+    from trainer.components.preemption import GracefulStop
+    from trainer.components.rundir import STOP_FILE
 
     with GracefulStop(tmp_path / STOP_FILE) as stop:
         assert not stop.should_stop()

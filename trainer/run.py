@@ -27,8 +27,7 @@ from trainer.components.extraction import extract_split
 from trainer.components.feature_store import bank_dir, read_index as read_bank_index, store_dtype
 from trainer.components.features import FeatureBank, encode_split, limited
 from trainer.components.mlflow_store import flatten_params
-from trainer.components.preemption import STOP_FILE
-from trainer.components.rundir import RUN_FILE, claim, named, record_mlflow_run, recorded_mlflow_run
+from trainer.components.rundir import RUN_FILE, STOP_FILE, claim, named, record_mlflow_run, recorded_mlflow_run
 from trainer.components.tracking import MetricsLogger
 from trainer.config import RootConfig
 from trainer.evaluation.outputs import log_evaluation, write_outputs

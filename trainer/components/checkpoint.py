@@ -20,7 +20,6 @@ rank 0's batch in stage gen): a noisy proxy, not an evaluation score.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from trainer.components.export import safe_load
-from trainer.components.rundir import check_same_run
+from trainer.components.rundir import atomic_write, check_same_run
 
 MARKER = "COMPLETE"
 
@@ -40,12 +39,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -191,8 +184,8 @@ class CheckpointManager:
             marker = {"stage": self.stage, "step": step, "finished": finished, "shapes": self.shapes,
                       "mlflow_run_id": client_state["mlflow_run_id"], "run_uid": self.run_uid,
                       "metric": None if metric is None else float(metric)}
-            _atomic_write(tag_dir / MARKER, json.dumps(marker, indent=2))
-            _atomic_write(self.dir / "latest", tag)
+            atomic_write(tag_dir / MARKER, json.dumps(marker, indent=2))
+            atomic_write(self.dir / "latest", tag)
             self.prune(keep=tag_dir)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -212,7 +205,7 @@ class CheckpointManager:
             shutil.rmtree(tag, ignore_errors=True)
         best = best_tag(retained)
         if best is not None:
-            _atomic_write(self.dir / "best", best.name)
+            atomic_write(self.dir / "best", best.name)
         return sorted(removed, key=lambda p: p.name)
 
     def restore(self, engine, point: ResumePoint) -> int:

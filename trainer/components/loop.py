@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from trainer.components.checkpoint import CheckpointManager
 from trainer.components.engine import learning_rates
-from trainer.components.preemption import STOP_FILE, GracefulStop, Preempted
+from trainer.components.preemption import GracefulStop, Preempted
+from trainer.components.rundir import STOP_FILE
 
 MicroStep = Callable[[object], tuple[dict[str, float], int]]  # item -> (metrics incl. "loss", samples)
 

@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM/SIGINT, or a ``<run_dir>/PREEMPT`` file, ask a stage loop to finish its
+"""Preemption: SIGTERM/SIGINT, or a ``<run_dir>/PREEMPT`` file (``rundir.STOP_FILE``), ask a stage loop to finish its
 step, checkpoint and exit 0.
 
 The file is how a request reaches a loop that no signal reaches: Ray Train runs it in a thread
@@ -13,8 +13,6 @@ import threading
 from pathlib import Path
 
 import torch
-
-STOP_FILE = "PREEMPT"
 
 
 class GracefulStop:

@@ -15,6 +15,7 @@ so DeepSpeed ranks started a second apart agree.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
@@ -23,9 +24,17 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 RUN_FILE = "run.json"
+STOP_FILE = "PREEMPT"  # a stop request to the run's stage loops (trainer/components/preemption.py)
 # Everything a run writes into its dir; run.overwrite=true deletes exactly these.
 ARTIFACTS = (RUN_FILE, "con.pt", "gen.pt", "metrics.json", "config.yaml", "checkpoints", "features", "plots", "ray",
-             "samples", "PREEMPT")
+             "samples", STOP_FILE)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """``path`` holds either its old content or all of ``text``, never a torn write."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class RunDirTaken(ValueError):
@@ -98,9 +107,7 @@ def record_mlflow_run(run_dir: Path, run_id: str | None, uri: str) -> None:
         return
     info = json.loads(record.read_text())
     if info.get("mlflow") != {"run_id": run_id, "uri": uri}:
-        tmp = record.with_name(f".{RUN_FILE}.tmp")
-        tmp.write_text(json.dumps(dict(info, mlflow={"run_id": run_id, "uri": uri})))
-        tmp.replace(record)
+        atomic_write(record, json.dumps(dict(info, mlflow={"run_id": run_id, "uri": uri})))
 
 
 def recorded_mlflow_run(run_dir: Path, uri: str) -> str | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trainer.components.rundir import atomic_write
+
 
 class SampleLog:
     def __init__(self, run_dir: Path, stage: str, rank: int, enabled: bool) -> None:
@@ -26,9 +28,7 @@ class SampleLog:
         kept = []
         if step > 0 and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(f"{line}\n" for line in kept))
         self._file = self.path.open("a")
 
     def write(self, step: int, epoch: int, keys: list[str]) -> None:

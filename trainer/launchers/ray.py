@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 from trainer.components.distributed import DistInfo
-from trainer.components.preemption import STOP_FILE
+from trainer.components.rundir import STOP_FILE, atomic_write
 from trainer.config import DataConfig, LauncherConfig, ModelConfig, RootConfig
 from trainer.launchers.cli import REPO_ROOT
 from trainer.launchers.errors import ClusterTooSmall
@@ -145,10 +145,7 @@ def record_workers(run_dir: Path) -> None:
     ranks = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(ranks, me)
     if torch.distributed.get_rank() == 0:
-        path = run_dir / "ray" / "workers.json"
-        tmp = path.with_name(".workers.json.tmp")
-        tmp.write_text(json.dumps({str(r): w for r, w in enumerate(ranks)}, indent=1))
-        tmp.replace(path)
+        atomic_write(run_dir / "ray" / "workers.json", json.dumps({str(r): w for r, w in enumerate(ranks)}, indent=1))
 
 
 def _train_worker(config: dict) -> None:
