@@ -56,3 +56,16 @@ def test_stage_gen_from_missing_weights_leaves_nothing_behind(tmp_path, syntheti
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "stage.gen.init=/nope -> /nope does not exist" in proc.stderr
     assert not run_dir.exists() and not db.exists()
+
+
+def test_the_mlflow_run_is_noted_for_a_restart_without_its_credentials(tmp_path):
+    """A worker group restarted before the first checkpoint finds the run's MLflow run in run.json;
+    the tracking URI is kept masked (run dirs are copied and shared), and another URI finds none."""
+    from trainer.components.rundir import RUN_FILE, claim, record_mlflow_run, recorded_mlflow_run
+
+    claim(tmp_path, resume="none", continues=False, overwrite=False)
+    uri = "http://alice:s3cret@mlflow.lab:5000"
+    record_mlflow_run(tmp_path, "abc123", uri)
+    assert "s3cret" not in (tmp_path / RUN_FILE).read_text()
+    assert recorded_mlflow_run(tmp_path, uri) == "abc123"
+    assert recorded_mlflow_run(tmp_path, "sqlite:///other.db") is None

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.components.secrets import redact
+
 RUN_FILE = "run.json"
 STOP_FILE = "PREEMPT"  # a stop request to the run's stage loops (trainer/components/preemption.py)
 # Everything a run writes into its dir; run.overwrite=true deletes exactly these.
@@ -101,20 +103,22 @@ def _new(run_dir: Path) -> str:
 
 def record_mlflow_run(run_dir: Path, run_id: str | None, uri: str) -> None:
     """Note the run's MLflow run in ``run.json`` (rank 0, once it exists): a worker group that Ray
-    Train restarts before the first checkpoint continues it instead of opening a second one."""
+    Train restarts before the first checkpoint continues it instead of opening a second one. The
+    tracking URI is kept with its credentials masked: run dirs get copied and shared."""
     record = Path(run_dir) / RUN_FILE
     if not run_id or not record.is_file():
         return
     info = json.loads(record.read_text())
-    if info.get("mlflow") != {"run_id": run_id, "uri": uri}:
-        atomic_write(record, json.dumps(dict(info, mlflow={"run_id": run_id, "uri": uri})))
+    noted = {"run_id": run_id, "uri": redact(uri)}
+    if info.get("mlflow") != noted:
+        atomic_write(record, json.dumps(dict(info, mlflow=noted)))
 
 
 def recorded_mlflow_run(run_dir: Path, uri: str) -> str | None:
     """The MLflow run ``record_mlflow_run`` noted for this tracking ``uri``, if any."""
     record = Path(run_dir) / RUN_FILE
     mlflow = json.loads(record.read_text()).get("mlflow") if record.is_file() else None
-    return mlflow["run_id"] if mlflow and mlflow.get("uri") == uri else None
+    return mlflow["run_id"] if mlflow and mlflow.get("uri") == redact(uri) else None
 
 
 def check_same_run(marker: dict, run_uid: str, where: Path) -> None:
