@@ -137,11 +137,9 @@ class DecodeClips:
                 "skips": np.array(skips, dtype=object)}
 
 
-def ray_dataset(stream: ShardStream, *, epoch: int | None = None, skip: int = 0, count: int | None = None,
-                decode_actors: tuple[int, int] = (1, 1), use_gpu: bool = False,
-                progress: bool = False) -> "ray.data.Dataset":
-    """``stream``'s rows for ``epoch`` (default: the stream's) as a lazy ``ray.data.Dataset`` in
-    read order: ``skip`` raw samples dropped, at most ``count`` (None: the rank's quota when
+def ray_dataset(stream: ShardStream, *, skip: int = 0, count: int | None = None,
+                decode_actors: tuple[int, int] = (1, 1), use_gpu: bool = False) -> "ray.data.Dataset":
+    """``stream``'s rows for its current epoch as a lazy ``ray.data.Dataset`` in read order: ``skip`` raw samples dropped, at most ``count`` (None: the rank's quota when
     training, one pass for an eval stream). Needs ``ray.init()``; the cluster must hold
     ``decode_actors[0]`` actors (1 CPU each, and 1 GPU with ``use_gpu``)."""
     lo, hi = decode_actors
@@ -152,8 +150,8 @@ def ray_dataset(stream: ShardStream, *, epoch: int | None = None, skip: int = 0,
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # batch j = raw samples [j*B, (j+1)*B): exact resume
     context.target_max_block_size = READ_BLOCK_BYTES
-    context.enable_progress_bars = progress  # a training epoch has the stage's bar; these would repeat per epoch
-    item = {"epoch": stream.epoch if epoch is None else epoch, "skip": skip, "count": count}
+    context.enable_progress_bars = False  # a training epoch has the stage's bar; these would repeat per epoch
+    item = {"epoch": stream.epoch, "skip": skip, "count": count}
     return (
         ray.data.from_items([item], override_num_blocks=1)
         .flat_map(read_rank_epoch, fn_kwargs={"stream": stream}, num_cpus=0)
@@ -191,7 +189,7 @@ def within_deadline(batches: Iterator, seconds: float, what: str) -> Iterator:
         yield from batches
         return
     slot: queue.Queue = queue.Queue(maxsize=1)
-    stop, done = threading.Event(), object()
+    stop = threading.Event()
 
     def pull() -> None:
         try:
@@ -204,7 +202,7 @@ def within_deadline(batches: Iterator, seconds: float, what: str) -> Iterator:
                         continue
                 if stop.is_set():
                     break
-            slot.put(("end", done))
+            slot.put(("end", None))
         except BaseException as exn:  # noqa: BLE001 - handed to the consumer, which raises it
             slot.put(("error", exn))
         finally:

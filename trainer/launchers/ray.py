@@ -93,7 +93,7 @@ def adopt_reported_checkpoint(run_dir: Path) -> Path | None:
     Returns the adopted tag dir, or None when the run dir's is as new."""
     import ray.train
 
-    from trainer.components.checkpoint import MARKER, complete_tags
+    from trainer.components.checkpoint import MARKER, find_resume_point
 
     reported = ray.train.get_checkpoint()
     if reported is None:
@@ -104,9 +104,8 @@ def adopt_reported_checkpoint(run_dir: Path) -> Path | None:
             return None
         marker = json.loads(marker_file.read_text())
         stage, step = marker["stage"], int(marker["step"])
-        own = [(STAGE_ORDER[s], int(json.loads((t / MARKER).read_text())["step"]))
-               for s in STAGE_ORDER for t in complete_tags(run_dir / "checkpoints" / s)]
-        if own and max(own) >= (STAGE_ORDER[stage], step):
+        own = find_resume_point("auto", run_dir, {}, "")  # the run dir's newest complete tag (gen after con)
+        if own is not None and (STAGE_ORDER[own.stage], int(own.marker["step"])) >= (STAGE_ORDER[stage], step):
             return None
         target = run_dir / "checkpoints" / stage / f"step{step:08d}"
         tmp = target.with_name(f".{target.name}.adopting")
