@@ -111,14 +111,16 @@ def ddim_sample(denoise: Denoiser, shape: tuple[int, ...], alphas_cumprod: Tenso
 
 
 @torch.no_grad()
-def rerank_topk(sim: Tensor, denoise_for: Callable[[Tensor, Tensor], Denoiser],
+def rerank_topk(sim: Tensor, denoise_for: Callable[[Tensor, Tensor, Tensor], Denoiser],
                 alphas_cumprod: Tensor, k: int = 32, alpha: float = 1.0, steps: int | None = None,
-                block: int = 256, generator: torch.Generator | None = None) -> Tensor:
+                block: int = 256, generator: torch.Generator | None = None, sharpness: float = 1.0) -> Tensor:
     """Re-rank each row's top-k candidates with the generator, vectorised over query blocks.
 
-    sim [Nq, Nc]. For each block of queries q (long [b]): idx = topk(sim[q], k) [b, k];
-    den = denoise_for(q, idx); x0 = ddim_sample(den, (b, k), ...);
-    out[q, idx] = sim[q, idx] + alpha * softmax(x0, -1). Entries outside the top-k are unchanged.
+    sim [Nq, Nc]. For each block of queries q (long [b]): top, idx = topk(sim[q], k) [b, k];
+    den = denoise_for(q, idx, top) (top: the candidates' scores, for a generator that takes them);
+    x0 = ddim_sample(den, (b, k), ...);
+    out[q, idx] = sim[q, idx] + alpha * softmax(sharpness * x0, -1). Entries outside the top-k are
+    unchanged. sharpness 1 is the reference's; a generator trained with a scaled loss may say otherwise.
     The generator (if given) must live on sim's device."""
     if sim.dim() != 2:
         raise ValueError(f"rerank_topk: sim must be [Nq, Nc], got {tuple(sim.shape)}")
@@ -130,9 +132,9 @@ def rerank_topk(sim: Tensor, denoise_for: Callable[[Tensor, Tensor], Denoiser],
     for q0 in range(0, nq, block):
         q = torch.arange(q0, min(q0 + block, nq), device=sim.device)
         top_vals, idx = sim[q].topk(k, dim=1)
-        den = denoise_for(q, idx)
+        den = denoise_for(q, idx, top_vals)
         x0 = ddim_sample(den, (q.shape[0], k), alphas_cumprod, steps=steps, generator=generator,
                          device=sim.device, dtype=work_dtype)
-        bonus = alpha * x0.softmax(dim=-1)
+        bonus = alpha * (sharpness * x0).softmax(dim=-1)
         out[q[:, None], idx] = (top_vals.to(work_dtype) + bonus).to(sim.dtype)
     return out

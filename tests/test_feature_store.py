@@ -143,7 +143,8 @@ def test_stage_gen_reads_the_disk_bank_as_it_read_the_in_memory_one(encoder, syn
     """Same pools, same loss for the same seed: what makes stage gen's figures those of the in-memory bank."""
     from ops import alphas_cumprod
     from trainer.models import build_generators
-    from trainer.stages.gen import GenerationTask, TopKPools, sample_pairs
+    from trainer.stages.gen import GenerationTask, sample_pairs
+    from trainer.stages.pools import TopKPools, pool_scores
 
     disk = extract(encoder, synthetic_shards, tmp_path / "bank")
     memory = encode_split(encoder, eval_loader(data_config(synthetic_shards), TINY, "train"), CaptionTokenizer(16),
@@ -154,5 +155,6 @@ def test_stage_gen_reads_the_disk_bank_as_it_read_the_in_memory_one(encoder, syn
     for bank, topk in zip((disk, memory), pools):
         torch.manual_seed(0)
         task = GenerationTask(build_generators(TINY), alphas_cumprod("cosine", 10), "kl", 100.0)
-        losses.append(task(bank, *topk.sample(*sample_pairs(bank, 8, torch.Generator().manual_seed(1))))[0])
+        pool = topk.sample(*sample_pairs(bank, 8, torch.Generator().manual_seed(1)))
+        losses.append(task(bank, *pool, pool_scores(encoder, bank, pool))[0])
     assert torch.equal(losses[0], losses[1])

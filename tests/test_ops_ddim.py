@@ -109,9 +109,10 @@ def test_rerank_changes_only_topk_and_promotes_the_favoured_candidate():
     favoured = top_idx[:, k - 1]  # the weakest of each row's top-k
     seen_queries = []
 
-    def denoise_for(q, idx):
+    def denoise_for(q, idx, scores):
         seen_queries.append(q.clone())
         assert idx.shape == (q.shape[0], k)
+        assert torch.equal(scores, sim[q[:, None], idx])  # the candidates' own scores, for a generator that takes them
         hit = idx == favoured[q][:, None]
 
         def denoise(x, t):

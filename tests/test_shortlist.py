@@ -8,7 +8,7 @@ from ops import pooled_topk, shortlist_recall, top_per_key, wti_paired, wti_simi
 from tests.support import TINY
 from tests.test_generation_task import bank_from_encoder
 from trainer.models import build_encoder
-from trainer.stages.gen import TopKPools
+from trainer.stages.pools import TopKPools
 
 
 def features(n: int, length: int, d: int, g: torch.Generator):

@@ -8,6 +8,9 @@ from trainer.config import ModelConfig
 from trainer.models import build_clip, build_encoder, build_generators, encode_words
 from tests.support import TINY
 
+# The reference's generator (method.md section 3, "+ a_c" and no stage-1 scores): what the equation tests pin.
+REFERENCE_GEN = dataclasses.replace(TINY, gen_prior=False)
+
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def test_clip_b32_architecture_loads_a_saved_state_dict(tmp_path):
 
 
 def test_generator_shapes_and_parameter_count():
-    gens = build_generators(TINY)
+    gens = build_generators(REFERENCE_GEN)
     b, k, f, d = 3, 5, 4, TINY.embed_dim
     mask = torch.ones(b, k, f, dtype=torch.bool)
     mask[:, :, -1] = False
@@ -99,7 +102,7 @@ def test_generator_shapes_and_parameter_count():
 
 def test_generator_is_permutation_equivariant_over_candidates():
     torch.manual_seed(0)
-    gens = build_generators(TINY).eval()
+    gens = build_generators(REFERENCE_GEN).eval()
     b, k, f, d = 2, 6, 3, TINY.embed_dim
     text, frames = torch.randn(b, d), torch.randn(b, k, f, d)
     mask = torch.ones(b, k, f, dtype=torch.bool)
@@ -131,7 +134,7 @@ def test_generator_t2v_and_v2t_match_the_equations_of_method_section_3():
 
     torch.manual_seed(0)
     d, k_cands, n_frames = 8, 3, 4
-    gens = build_generators(dataclasses.replace(TINY, embed_dim=d)).double().eval()
+    gens = build_generators(dataclasses.replace(REFERENCE_GEN, embed_dim=d)).double().eval()
     text = torch.randn(1, d, dtype=torch.float64)
     frames = torch.randn(1, k_cands, n_frames, d, dtype=torch.float64)
     mask = torch.tensor([[[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]], dtype=torch.bool)
@@ -174,7 +177,7 @@ def test_rerank_pools_once_and_matches_full_forward_every_step():
     from trainer.components.features import FeatureBank
 
     torch.manual_seed(0)
-    gens = build_generators(TINY).eval()
+    gens = build_generators(REFERENCE_GEN).eval()
     nt, nv, f, d = 7, 6, 3, TINY.embed_dim
     frame_mask = torch.ones(nv, f, dtype=torch.bool)
     frame_mask[::2, -1] = False
@@ -187,10 +190,10 @@ def test_rerank_pools_once_and_matches_full_forward_every_step():
     with torch.no_grad():
         t2v, v2t = rerank(sim, bank, gens, abar, topk=3, alpha=1.0, steps=5, seed=1)
         g = torch.Generator().manual_seed(1)
-        ref_t2v = rerank_topk(sim, lambda q, c: lambda x, k: gens.t2v(sentence[q], frames[c], frame_mask[c], x, k),
+        ref_t2v = rerank_topk(sim, lambda q, c, s: lambda x, k: gens.t2v(sentence[q], frames[c], frame_mask[c], x, k),
                               abar, k=3, alpha=1.0, steps=5, generator=g)
         ref_v2t = rerank_topk(sim.t().contiguous(),
-                              lambda q, c: lambda x, k: gens.v2t(frames[q], frame_mask[q], sentence[c], x, k),
+                              lambda q, c, s: lambda x, k: gens.v2t(frames[q], frame_mask[q], sentence[c], x, k),
                               abar, k=3, alpha=1.0, steps=5, generator=g)
     assert torch.equal(t2v, ref_t2v) and torch.equal(v2t, ref_v2t.t())
     assert not torch.equal(t2v, sim)  # the re-ranking did change the top-3 scores
@@ -216,7 +219,7 @@ def test_generator_inputs_are_the_raw_features(encoder):
     video = encoder.encode_video(torch.randn(2, 4, 3, 32, 32), torch.ones(2, 4, dtype=torch.bool))
     torch.testing.assert_close(F.normalize(video.raw_frames(), dim=-1), video.frames)
 
-    gens = build_generators(TINY).eval()
+    gens = build_generators(REFERENCE_GEN).eval()
     nt, nv, f, d = 5, 4, 3, TINY.embed_dim
     sentence, frames = torch.randn(nt, d) * 3, torch.randn(nv, f, d) * 2
     frame_mask = torch.ones(nv, f, dtype=torch.bool)
@@ -228,6 +231,54 @@ def test_generator_inputs_are_the_raw_features(encoder):
     sim, abar = torch.randn(nt, nv), cosine_alphas_cumprod(10)
     with torch.no_grad():
         t2v, _ = rerank(sim, bank, gens, abar, topk=3, alpha=1.0, steps=5, seed=1)
-        ref = rerank_topk(sim, lambda q, c: lambda x, k: gens.t2v(sentence[q], frames[c], frame_mask[c], x, k),
+        ref = rerank_topk(sim, lambda q, c, s: lambda x, k: gens.t2v(sentence[q], frames[c], frame_mask[c], x, k),
                           abar, k=3, alpha=1.0, steps=5, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(t2v, ref)
+
+
+def test_a_prior_generator_predicts_a_residual_over_the_stage1_scores():
+    """model.gen_prior: x0_hat[c] = MLP_dec([h ; v_c]) + beta * s_c (no "+ a_c"), the decoder's last
+    layer zero at init: untrained, x0_hat is exactly beta * s; trained, it moves by beta per unit of s."""
+    torch.manual_seed(0)
+    gens = build_generators(TINY)
+    gens.init_prior(logit_scale=20.0, kl_scale=100.0)
+    assert gens.sharpness() == 100.0 and float(gens.t2v.prior_scale) == pytest.approx(0.2)
+    b, k, f, d = 3, 5, 4, TINY.embed_dim
+    text, frames, mask = torch.randn(b, d), torch.randn(b, k, f, d), torch.ones(b, k, f, dtype=torch.bool)
+    x_t, steps, s = torch.randn(b, k), torch.tensor([0, 3, 7]), torch.rand(b, k)
+    torch.testing.assert_close(gens.t2v(text, frames, mask, x_t, steps, s), 0.2 * s)
+    torch.testing.assert_close(gens.v2t(frames[:, 0], mask[:, 0], text[:, None].expand(b, k, d), x_t, steps, s), 0.2 * s)
+    torch.nn.init.normal_(gens.t2v.decoder[-1].weight)  # as if trained: the residual is no longer zero
+    out = gens.t2v(text, frames, mask, x_t, steps, s)
+    assert not torch.allclose(out, 0.2 * s)
+    torch.testing.assert_close(gens.t2v(text, frames, mask, x_t, steps, s + 1.0) - out, torch.full((b, k), 0.2))
+    with pytest.raises(ValueError, match="stage-1 scores"):
+        gens.t2v(text, frames, mask, x_t, steps)
+
+
+def test_an_untrained_prior_generator_leaves_the_stage1_ranking_unchanged():
+    """Re-ranking with a generator that has learned nothing keeps every row's order (both directions)
+    while adding its bonus; the reference's generator reorders at random."""
+    from ops.ddim import cosine_alphas_cumprod
+    from trainer.components.features import FeatureBank
+    from trainer.evaluation.scoring import rerank
+
+    torch.manual_seed(0)
+    nt, nv, f, d = 12, 9, 3, TINY.embed_dim
+    bank = FeatureBank.from_dense(words=torch.randn(nt, 4, d), word_weights=torch.rand(nt, 4),
+                                  word_mask=torch.ones(nt, 4, dtype=torch.bool), sentence=torch.randn(nt, d),
+                                  frames=torch.randn(nv, f, d), frame_weights=torch.rand(nv, f),
+                                  frame_mask=torch.ones(nv, f, dtype=torch.bool), text_to_video=torch.arange(nt) % nv,
+                                  video_ids=[], captions=[])
+    sim, abar = torch.rand(nt, nv) * 2 - 1, cosine_alphas_cumprod(10)
+    orders = {}
+    for prior in (True, False):
+        gens = build_generators(dataclasses.replace(TINY, gen_prior=prior)).eval()
+        if prior:
+            gens.init_prior(logit_scale=20.0, kl_scale=100.0)
+        with torch.no_grad():
+            t2v, v2t = rerank(sim, bank, gens, abar, topk=5, alpha=1.0, steps=5, seed=1)
+        assert not torch.equal(t2v, sim) and not torch.equal(v2t, sim)
+        orders[prior] = (torch.equal(t2v.argsort(dim=1), sim.argsort(dim=1))
+                         and torch.equal(v2t.argsort(dim=0), sim.argsort(dim=0)))
+    assert orders == {True: True, False: False}

@@ -128,9 +128,11 @@ class GenConfig:
     epochs: int = 40
     max_steps: int = 0
     batch_size: int = 128  # queries per step (drawn from cached features)
-    # topk: each query's top-K of stage-1 over the whole train bank (K = eval.rerank_topk), what
-    # re-ranking sees; reference: DiffusionRet's hardest negatives of the random global batch.
-    mode: str = "topk"
+    # gallery: each query's top-K of stage 1 (K = eval.rerank_topk) within a random train gallery of
+    # `gallery` videos, what re-ranking sees; topk: the top-K of the whole train bank; reference:
+    # DiffusionRet's hardest negatives of the random global batch (trainer/stages/pools.py).
+    mode: str = "gallery"
+    gallery: int = 0  # mode=gallery: videos per gallery; 0 = the test split's (the gallery re-ranking sees)
     pool_size: int = 128  # mode=reference: candidates per query, the positive + the hardest negatives
     lr: float = 1e-4
     weight_decay: float = 0.0

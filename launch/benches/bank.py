@@ -193,7 +193,8 @@ def _read_process(_: int, root: str, args_json: str, out: str) -> None:
     from trainer.components.feature_store import open_bank
     from trainer.models import RetrievalEncoder, build_generators
     from trainer.models.config import ModelConfig
-    from trainer.stages.gen import GenerationTask, TopKPools, sample_pairs
+    from trainer.stages.gen import GenerationTask, sample_pairs
+    from trainer.stages.pools import TopKPools, pool_scores
 
     a = json.loads(args_json)
     torch.manual_seed(0)
@@ -210,7 +211,8 @@ def _read_process(_: int, root: str, args_json: str, out: str) -> None:
         rng = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         for _ in range(a["steps"]):
-            loss, _ = task(bank, *pools.sample(*sample_pairs(bank, 128, rng)))
+            pool = pools.sample(*sample_pairs(bank, 128, rng))
+            loss, _ = task(bank, *pool, pool_scores(RetrievalEncoder, bank, pool))
             opt.zero_grad()
             loss.backward()
             opt.step()

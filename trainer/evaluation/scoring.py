@@ -72,19 +72,21 @@ def rerank(sim: torch.Tensor, bank: FeatureBank, generators: Generators, abar: t
     frames, sentence = frames.to(dtype), bank.raw_sentence().to(dtype)
 
     # Each query block's candidates are pooled once; only the denoising runs at every DDIM step.
-    def t2v_denoiser(q, cand):
+    def t2v_denoiser(q, cand, scores):
         text, pooled = sentence[q], generators.t2v.pool(sentence[q], frames[cand], frame_mask[cand])
-        return lambda x_t, k: generators.t2v.denoise(text, pooled, x_t.to(dtype), k).float()
+        return lambda x_t, k: generators.t2v.denoise(text, pooled, x_t.to(dtype), k, scores).float()
 
-    def v2t_denoiser(q, cand):
+    def v2t_denoiser(q, cand, scores):
         cand_text = sentence[cand]
         pooled = generators.v2t.pool(frames[q], frame_mask[q], cand_text)
-        return lambda x_t, k: generators.v2t.denoise(pooled, cand_text, x_t.to(dtype), k).float()
+        return lambda x_t, k: generators.v2t.denoise(pooled, cand_text, x_t.to(dtype), k, scores).float()
 
     g = torch.Generator(device=sim.device).manual_seed(seed)
     k_t2v, k_v2t = min(topk, sim.shape[1]), min(topk, sim.shape[0])
-    t2v = rerank_topk(sim, t2v_denoiser, abar, k=k_t2v, alpha=alpha, steps=steps, generator=g)
-    v2t = rerank_topk(sim.t().contiguous(), v2t_denoiser, abar, k=k_v2t, alpha=alpha, steps=steps, generator=g)
+    sharp = generators.sharpness()
+    t2v = rerank_topk(sim, t2v_denoiser, abar, k=k_t2v, alpha=alpha, steps=steps, generator=g, sharpness=sharp)
+    v2t = rerank_topk(sim.t().contiguous(), v2t_denoiser, abar, k=k_v2t, alpha=alpha, steps=steps, generator=g,
+                      sharpness=sharp)
     return t2v, v2t.t()
 
 

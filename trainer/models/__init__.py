@@ -11,7 +11,7 @@ def build_encoder(cfg: ModelConfig, max_frames: int) -> RetrievalEncoder:
 
 
 def build_generators(cfg: ModelConfig) -> Generators:
-    return Generators(cfg.embed_dim, cfg.gen_tau)
+    return Generators(cfg.embed_dim, cfg.gen_tau, cfg.gen_prior)
 
 
 __all__ = [

@@ -37,6 +37,9 @@ class ModelConfig:
     logit_scale_max: float = 100.0
     freeze_patch_embed: bool = True
     gen_tau: float = 1.0  # text-frame attention temperature inside the generator
+    # The generator predicts a residual over each candidate's stage-1 score (generator.py): one
+    # that learned nothing leaves the ranking as stage 1 has it. false = the reference's formulation.
+    gen_prior: bool = True
     # LAFF (method.md section 5): fuse several video features (raw CLIP frames, temporal frames,
     # token-weighted frames) and text features (<eot>, token-weighted words) per head; its cosine
     # similarity (mean over heads) is added to WTI's, and the loss is summed per head.

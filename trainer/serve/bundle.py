@@ -120,7 +120,8 @@ def load_bundle_files(con_path: Path, gen_path: Path | None, settings: Inference
         gen_payload = load_export(Path(gen_path))
         if gen_payload.get("stage") != "gen":
             raise ValueError(f"{gen_path}: not a stage-gen export (stage {gen_payload.get('stage')!r})")
-        generators = build_generators(ModelConfig(**gen_payload["model_config"]))
+        # An export from before model.gen_prior existed holds the reference's generator.
+        generators = build_generators(ModelConfig(**{"gen_prior": False, **gen_payload["model_config"]}))
         load_into(generators.float(), gen_payload, "generators.", Path(gen_path))
         generators.requires_grad_(False).eval()
     return ModelBundle(encoder, generators, model_config, max_frames, settings, source or str(con_path))
