@@ -55,13 +55,16 @@ def test_mlflow_run_has_params_step_metrics_eval_metrics_and_artifacts(tiny_run)
 
 @pytest.mark.slow
 def test_stage_gen_alone_starts_from_the_registered_champion(tiny_run, synthetic_corpus, synthetic_shards, tmp_path):
+    """... in the reference's formulation (DiffusionRet's pools and generator), which stays selectable."""
     _, run = tiny_run
     proc = train("--stage", "gen", "stage.gen.init=models:/streamret@champion", f"tracking.uri={run.uri}",
                  f"data.root={synthetic_corpus}", f"data.shards={synthetic_shards}", f"run.dir={tmp_path / 'gen_only'}",
-                 "tracking.register=false", "--local_rank=0", *TINY_RUN)
+                 "tracking.register=false", "--local_rank=0", *TINY_RUN, "stage.gen.mode=reference", "model.gen_prior=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((tmp_path / "gen_only" / "metrics.json").read_text())
     assert payload["stages"] == ["gen"] and "gen_rerank" in payload["metrics"]
+    from trainer.components.export import load_export
+    assert not any("prior_scale" in k for k in load_export(tmp_path / "gen_only" / "gen.pt")["state_dict"])
     # the champion's encoder, materialised into the run: same stage-1 metrics as the run that trained it
     for direction in ("t2v", "v2t"):
         assert payload["metrics"]["con"][direction] == pytest.approx(run.metrics["con"][direction])
