@@ -137,10 +137,7 @@ class TopKPools:
         return cands.gather(1, sims.topk(self.n_neg_v2t, dim=1).indices)
 
     def _chunks(self, cands: torch.Tensor) -> list[slice]:
-        # ~64 MB of gathered candidate tokens per chunk (S x L x D fp32 per query)
-        width = max(self.bank.video_tokens.width, self.bank.text_tokens.width)
-        step = max(1, 2**24 // (cands.shape[1] * width * self.bank.sentence.shape[1]))
-        return [slice(i, i + step) for i in range(0, cands.shape[0], step)]
+        return row_chunks(self.bank, cands)
 
     @torch.no_grad()
     def recall(self, sample: int, seed: int) -> dict[str, float]:
@@ -171,6 +168,13 @@ class TopKPools:
         return texts, self.t2v[texts], videos, v2t
 
 
+def row_chunks(bank: FeatureBank, cands: torch.Tensor) -> list[slice]:
+    """Row slices of ``cands`` [n, S] whose gathered candidate tokens take ~64 MB (S x L x D fp32 per row)."""
+    width = max(bank.video_tokens.width, bank.text_tokens.width)
+    step = max(1, 2**24 // (cands.shape[1] * width * bank.sentence.shape[1]))
+    return [slice(i, i + step) for i in range(0, cands.shape[0], step)]
+
+
 class GalleryPools:
     """``stage.gen.mode=gallery``: each caption is pooled with its video and its P - 1 best videos by
     stage-1 similarity among G - 1 other train videos drawn at random; each video with one of its
@@ -185,8 +189,11 @@ class GalleryPools:
     generator trained on whole-bank pools learned to distrust the stage-1 top and its val top-1
     fell to 16 % after 200 steps, while trained on G = 32 galleries it rose to 44 %.
 
-    Draws come from ``generator`` (the pair sampler's, so a checkpoint of it resumes both); the
-    stage-1 scores of every drawn pair are computed per step (B x (G - 1) paired WTI per direction)."""
+    Draws come from ``generator`` (the pair sampler's, so a checkpoint of it resumes both). The
+    stage-1 scores of every drawn pair are computed per step, exact paired WTI in row chunks of
+    ~64 MB: B x (G - 1) pairs for t2v and B x (G - 1) x captions-per-video for v2t (MSRVTT's 1k
+    test gallery and 20 captions per video: 2.6 M pairs a step, which a pooled first stage as in
+    ``topk`` mode would cut)."""
 
     def __init__(self, encoder: RetrievalEncoder, bank: FeatureBank, pool: int, gallery: int,
                  generator: torch.Generator):
@@ -222,12 +229,14 @@ class GalleryPools:
         bank, device, k = self.bank, texts.device, self.pool - 1
         texts_cpu, videos_cpu = texts.cpu(), videos.cpu()
         own = self.text_to_video[texts_cpu]
-        rivals = self._other_videos(own)
-        s = self.encoder.paired_similarity(bank.text(texts), bank.video(rivals.to(device))).cpu()
-        t2v = torch.cat([own[:, None], rivals.gather(1, s.topk(k, dim=1).indices)], dim=1)
-        captions = self._other_captions(videos_cpu)
-        s = self.encoder.paired_similarity(bank.text(captions.to(device)), bank.video(videos)).cpu()
-        v2t = torch.cat([texts_cpu[:, None], captions.gather(1, s.topk(k, dim=1).indices)], dim=1)
+        rivals = self._other_videos(own).to(device)
+        s = torch.cat([self.encoder.paired_similarity(bank.text(texts[c]), bank.video(rivals[c])).cpu()
+                       for c in row_chunks(bank, rivals)])
+        t2v = torch.cat([own[:, None], rivals.cpu().gather(1, s.topk(k, dim=1).indices)], dim=1)
+        captions = self._other_captions(videos_cpu).to(device)
+        s = torch.cat([self.encoder.paired_similarity(bank.text(captions[c]), bank.video(videos[c])).cpu()
+                       for c in row_chunks(bank, captions)])
+        v2t = torch.cat([texts_cpu[:, None], captions.cpu().gather(1, s.topk(k, dim=1).indices)], dim=1)
         return texts, t2v.to(device), videos, v2t.to(device)
 
 
