@@ -46,6 +46,8 @@ def test_group_options_and_overrides_compose():
     assert list(cfg.stage.run) == ["gen"]
     assert cfg.model.vision_width == 768 and cfg.model.patch_size == 32
     assert cfg.deepspeed.zero_stage == 3 and cfg.data.batch_size == 4
+    reference = compose(["stage.gen.mode=reference", "model.gen_prior=false", "stage.gen.loss=mse"])
+    assert (reference.stage.gen.mode, reference.model.gen_prior, reference.stage.gen.loss) == ("reference", False, "mse")
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -54,6 +56,8 @@ def test_group_options_and_overrides_compose():
     (["model=vit_huge"], "model/vit_huge"),
     (["data.batch_size=many"], "many"),
     (["data=manifest"], "data.root"),
+    (["stage.gen.mode=hardest"], "stage.gen.mode=hardest"),
+    (["stage.gen.loss=mse"], "model.gen_prior=false"),
 ])
 def test_bad_config_is_one_clear_line(overrides, needle):
     with pytest.raises(ConfigError) as err:

@@ -78,6 +78,7 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
         OmegaConf.resolve(cfg)
         _derive_shards(cfg, overrides)
         _check_pack(cfg.data.pack, overrides)
+        _check_gen(cfg, overrides)
     except (HydraException, OmegaConfBaseException, YAMLError) as err:
         cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
         first = " ".join(str(cause).split())[:300]
@@ -125,6 +126,17 @@ def _check_pack(pack: DictConfig, overrides: list[str]) -> None:
     ) if not ok]
     if bad:
         raise ConfigError(f"config error: data.pack.{'; data.pack.'.join(bad)} (overrides: {' '.join(overrides) or 'none'})")
+
+
+def _check_gen(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refused before any training, not after stage con: a stage-gen setting that cannot run."""
+    gen = cfg.stage.gen
+    if gen.mode not in ("gallery", "topk", "reference"):
+        raise ConfigError(f"config error: stage.gen.mode={gen.mode} (must be gallery, topk or reference; "
+                          f"overrides: {' '.join(overrides) or 'none'})")
+    if cfg.model.gen_prior and gen.loss != "kl":  # beta and the re-ranking softmax come from the kl loss's scale
+        raise ConfigError(f"config error: stage.gen.loss={gen.loss} is the reference's ablation and takes the "
+                          "reference's generator: add model.gen_prior=false")
 
 
 def _absolutize_paths(cfg: DictConfig) -> None:
