@@ -101,8 +101,11 @@ def test_gallery_pools_are_each_querys_top_candidates_within_a_random_gallery():
         assert len(set(drawn)) == 10 and all(int(bank.text_to_video[c]) != v for c in drawn)
         assert v2t_c[i].tolist() == [int(texts[i])] + sorted(drawn, key=lambda c: -float(sim[c, v]))[:3]
     rng.set_state(state)
-    again = pools.sample(texts, videos)
+    again, scores = pools.scored(texts, videos)
     assert all(torch.equal(a, b) for a, b in zip(again, (t2v_q, t2v_c, v2t_q, v2t_c)))
+    # the scores that picked the pools are the ones a prior generator is given (pool_scores)
+    for got, expected in zip(scores, pool_scores(encoder, bank, again)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert not torch.equal(pools.sample(texts, videos)[1], t2v_c)  # the next step draws other galleries
 
 

@@ -120,6 +120,9 @@ class ConConfig:
     distill_alpha: float = 0.4
 
 
+GEN_MODES = ("gallery", "topk", "reference")  # stage.gen.mode: the pool builders of trainer/stages/pools.py
+
+
 @dataclass
 class GenConfig:
     """Stage ``gen``: the diffusion generator over candidate distributions, encoders frozen."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import RootConfig
+from trainer.config import GEN_MODES, RootConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 REPO_ROOT = CONF_DIR.parent
@@ -131,8 +131,8 @@ def _check_pack(pack: DictConfig, overrides: list[str]) -> None:
 def _check_gen(cfg: DictConfig, overrides: list[str]) -> None:
     """Refused before any training, not after stage con: a stage-gen setting that cannot run."""
     gen = cfg.stage.gen
-    if gen.mode not in ("gallery", "topk", "reference"):
-        raise ConfigError(f"config error: stage.gen.mode={gen.mode} (must be gallery, topk or reference; "
+    if gen.mode not in GEN_MODES:
+        raise ConfigError(f"config error: stage.gen.mode={gen.mode} (must be one of {', '.join(GEN_MODES)}; "
                           f"overrides: {' '.join(overrides) or 'none'})")
     if cfg.model.gen_prior and gen.loss != "kl":  # beta and the re-ranking softmax come from the kl loss's scale
         raise ConfigError(f"config error: stage.gen.loss={gen.loss} is the reference's ablation and takes the "

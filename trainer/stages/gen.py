@@ -22,6 +22,7 @@ from trainer.components.engine import build_engine
 from trainer.components.export import export_stage
 from trainer.components.features import FeatureBank
 from trainer.components.loop import LoopState, run_stage
+from trainer.config import GEN_MODES
 from trainer.models import Generators, RetrievalEncoder, build_generators
 from trainer.models.losses import diffusion_loss
 from trainer.stages.pools import GalleryPools, TopKPools, pool_scores, reference_pools
@@ -98,14 +99,20 @@ def global_batch(text_idx: torch.Tensor, video_idx: torch.Tensor) -> tuple[torch
 def generation_step(engine, encoder: RetrievalEncoder, bank: FeatureBank, pairs: tuple[torch.Tensor, torch.Tensor],
                     pool_size: int, topk: TopKPools | GalleryPools | None) -> dict[str, float]:
     pairs = tuple(p.to(bank.device) for p in pairs)  # drawn on the CPU generator; the bank reads onto its device
-    if topk is not None:
+    prior = engine.module.generators.stage1_prior
+    scores = None
+    if isinstance(topk, GalleryPools):
+        pools, scores = topk.scored(*pairs)  # the draws are scored to pick the pools: their scores come along
+    elif topk is not None:
         pools = topk.sample(*pairs)
     else:
         text_idx, video_idx, rows = global_batch(*pairs)
         sim = stage1_similarity(encoder, bank, text_idx, video_idx)
         groups = video_idx  # a pair's group is its video: copies of one video are never each other's negatives
         pools = reference_pools(sim, text_idx, video_idx, rows, min(pool_size, int(groups.unique().numel())), groups)
-    scores = pool_scores(encoder, bank, pools) if engine.module.generators.stage1_prior else None
+    if prior and scores is None:
+        scores = pool_scores(encoder, bank, pools)
+    scores = scores if prior else None
     loss, parts = engine(bank, *pools, scores)
     engine.backward(loss)
     engine.step()
@@ -171,8 +178,8 @@ def train_gen(ctx, encoder: RetrievalEncoder, bank: FeatureBank,
             if ctx.dist.is_main:
                 print(f"stage gen mining: shortlist {gen.shortlist}, recall of the exact hardest negatives on 256 "
                       f"queries: {', '.join(f'{k[-3:]} {v:.3f}' for k, v in recall.items())}")
-    elif gen.mode != "reference":
-        raise ValueError(f"stage.gen.mode must be 'gallery', 'topk' or 'reference', got {gen.mode!r}")
+    elif gen.mode not in GEN_MODES:
+        raise ValueError(f"stage.gen.mode must be one of {GEN_MODES}, got {gen.mode!r}")
 
     def micro_step(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict[str, float], int]:
         return generation_step(engine, encoder, bank, batch, gen.pool_size, topk), samples

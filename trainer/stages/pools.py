@@ -222,22 +222,35 @@ class GalleryPools:
         keys[self.text_to_video[None, :] == videos[:, None]] = 2.0
         return keys.topk(self.caption_draws, dim=1, largest=False).indices
 
-    @torch.no_grad()
     def sample(self, texts: torch.Tensor, videos: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Pools for caption queries ``texts`` and video queries ``videos`` (``sample_pairs``: caption i
         is one of video i's, the v2t positive)."""
+        return self.scored(texts, videos)[0]
+
+    @torch.no_grad()
+    def scored(self, texts: torch.Tensor, videos: torch.Tensor
+               ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor]]:
+        """(``sample``'s pools, their stage-1 scores as ``pool_scores`` gives them): the draws are
+        scored to pick the pools, so only the positives' scores are computed on top."""
         bank, device, k = self.bank, texts.device, self.pool - 1
         texts_cpu, videos_cpu = texts.cpu(), videos.cpu()
         own = self.text_to_video[texts_cpu]
         rivals = self._other_videos(own).to(device)
-        s = torch.cat([self.encoder.paired_similarity(bank.text(texts[c]), bank.video(rivals[c])).cpu()
-                       for c in row_chunks(bank, rivals)])
-        t2v = torch.cat([own[:, None], rivals.cpu().gather(1, s.topk(k, dim=1).indices)], dim=1)
+        t2v = self._top(lambda r, c: self.encoder.paired_similarity(bank.text(texts[r]), bank.video(c)),
+                        rivals, own.to(device), k)
         captions = self._other_captions(videos_cpu).to(device)
-        s = torch.cat([self.encoder.paired_similarity(bank.text(captions[c]), bank.video(videos[c])).cpu()
-                       for c in row_chunks(bank, captions)])
-        v2t = torch.cat([texts_cpu[:, None], captions.cpu().gather(1, s.topk(k, dim=1).indices)], dim=1)
-        return texts, t2v.to(device), videos, v2t.to(device)
+        v2t = self._top(lambda r, c: self.encoder.paired_similarity(bank.text(c), bank.video(videos[r])),
+                        captions, texts, k)
+        return (texts, t2v[0], videos, v2t[0]), (t2v[1], v2t[1])
+
+    def _top(self, score, draws: torch.Tensor, positive: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pools [n, 1 + k]: the positive, then the k best of ``draws`` [n, D] by ``score(rows, cands)``;
+        their scores)."""
+        s = torch.cat([score(c, draws[c]) for c in row_chunks(self.bank, draws)])
+        top = s.topk(k, dim=1)
+        own = score(slice(None), positive[:, None])
+        return (torch.cat([positive[:, None], draws.gather(1, top.indices.to(draws.device))], dim=1),
+                torch.cat([own.to(s.device), top.values], dim=1).to(positive.device))
 
 
 @torch.no_grad()
