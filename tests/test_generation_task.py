@@ -148,3 +148,31 @@ def test_gallery_draws_resume_with_the_pair_samplers_checkpoint():
     resumed = PairSampler(bank, 4, seed=0, rank=0, world_size=1)
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(next(stream(resumed)), expected))
+
+
+def test_feature_noise_perturbs_the_generators_training_inputs_at_the_stated_relative_scale():
+    """stage.gen.feature_noise: while stage gen trains, each input feature gets Gaussian noise of std
+    feature_noise x its RMS; 0 leaves the inputs (and so the loss) exactly as the reference's."""
+    task = GenerationTask(build_generators(TINY), alphas_cumprod("cosine", 10), "kl", 100.0, feature_noise=0.5)
+    x = torch.randn(4000, 64) * torch.linspace(0.1, 10.0, 4000)[:, None]
+    rms = x.norm(dim=-1, keepdim=True) / 8.0
+    ratio = (task.noisy(x) - x) / rms
+    assert abs(float(ratio.std()) - 0.5) < 0.01 and abs(float(ratio.mean())) < 0.01
+    clean = GenerationTask(build_generators(TINY), alphas_cumprod("cosine", 10), "kl", 100.0)
+    assert clean.noisy(x) is x
+    encoder = build_encoder(TINY, max_frames=4).requires_grad_(False).eval()
+    bank = bank_from_encoder(encoder, n_videos=8)
+    texts, videos = sample_pairs(bank, 5, torch.Generator().manual_seed(0))
+    pools = GalleryPools(encoder, bank, pool=4, gallery=8, generator=torch.Generator().manual_seed(1)).sample(texts, videos)
+    scores = pool_scores(encoder, bank, pools)
+    task.generators.load_state_dict(clean.generators.state_dict())
+    for m in (task, clean):
+        torch.nn.init.normal_(m.generators.t2v.decoder[-1].weight)  # a decoder that reads its inputs
+    task.generators.load_state_dict(clean.generators.state_dict())
+    torch.manual_seed(0)
+    noisy_loss, _ = task(bank, *pools, scores)
+    torch.manual_seed(0)
+    clean_loss, _ = clean(bank, *pools, scores)
+    torch.manual_seed(0)
+    again, _ = clean(bank, *pools, scores)
+    assert float(clean_loss) == float(again) and float(noisy_loss) != float(clean_loss)

@@ -32,12 +32,22 @@ class GenerationTask(nn.Module):
     """What the DeepSpeed engine wraps in stage gen: each direction's queries and candidate pools
     (bank indices, the positive in column 0) -> L_t2v + L_v2t."""
 
-    def __init__(self, generators: Generators, abar: torch.Tensor, loss: str, kl_scale: float):
+    def __init__(self, generators: Generators, abar: torch.Tensor, loss: str, kl_scale: float,
+                 feature_noise: float = 0.0):
         super().__init__()
         self.generators = generators
         self.abar = abar  # a plain attribute, not a buffer: DeepSpeed would cast a buffer to bf16
         self.loss_kind = loss
         self.kl_scale = kl_scale
+        self.feature_noise = feature_noise
+
+    def noisy(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` plus Gaussian noise of std ``feature_noise`` x each feature's RMS (stage.gen.feature_noise).
+        Padded frames stay zero-valued in effect: the generator masks them before its softmax."""
+        if not self.feature_noise:
+            return x
+        rms = x.norm(dim=-1, keepdim=True) / x.shape[-1] ** 0.5
+        return x + self.feature_noise * rms * torch.randn_like(x)
 
     def forward(self, bank: FeatureBank, t2v_query: torch.Tensor, t2v_cands: torch.Tensor, v2t_query: torch.Tensor,
                 v2t_cands: torch.Tensor, scores: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -58,12 +68,15 @@ class GenerationTask(nn.Module):
             x0 = nn.functional.one_hot(positive, pool).float()
             k = torch.randint(0, self.abar.shape[0], (n,), device=cands.device)
             x_t = q_sample(x0, k, self.abar, torch.randn_like(x0)).to(dtype)
+            noisy = self.noisy
             if direction == "t2v":
                 frames, mask = bank.raw_video(cands)
-                x0_hat = self.generators.t2v(bank.raw_sentence(query).to(dtype), frames.to(dtype), mask, x_t, k, prior)
+                x0_hat = self.generators.t2v(noisy(bank.raw_sentence(query)).to(dtype), noisy(frames).to(dtype), mask,
+                                             x_t, k, prior)
             else:
                 frames, mask = bank.raw_video(query)
-                x0_hat = self.generators.v2t(frames.to(dtype), mask, bank.raw_sentence(cands).to(dtype), x_t, k, prior)
+                x0_hat = self.generators.v2t(noisy(frames).to(dtype), mask, noisy(bank.raw_sentence(cands)).to(dtype),
+                                             x_t, k, prior)
             losses[direction] = diffusion_loss(x0_hat.float(), positive, self.loss_kind, self.kl_scale)
         total = losses["t2v"] + losses["v2t"]
         return total, {f"loss_{d}": v.item() for d, v in losses.items()}
@@ -153,7 +166,7 @@ def train_gen(ctx, encoder: RetrievalEncoder, bank: FeatureBank,
         print(f"generator parameters: {generators.num_parameters()}")
     abar = alphas_cumprod(gen.schedule, gen.timesteps).to(ctx.dist.device)
     total = gen.max_steps or gen.epochs * max(1, bank.num_videos // gen.batch_size)
-    engine = build_engine(GenerationTask(generators, abar, gen.loss, gen.kl_scale),
+    engine = build_engine(GenerationTask(generators, abar, gen.loss, gen.kl_scale, gen.feature_noise),
                           [{"params": list(generators.parameters()), "lr": gen.lr}], cfg.deepspeed,
                           micro_batch=gen.batch_size, total_steps=total, warmup_ratio=gen.warmup_ratio,
                           weight_decay=gen.weight_decay)
