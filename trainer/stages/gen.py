@@ -123,9 +123,10 @@ def generation_step(engine, encoder: RetrievalEncoder, bank: FeatureBank, pairs:
         sim = stage1_similarity(encoder, bank, text_idx, video_idx)
         groups = video_idx  # a pair's group is its video: copies of one video are never each other's negatives
         pools = reference_pools(sim, text_idx, video_idx, rows, min(pool_size, int(groups.unique().numel())), groups)
-    if prior and scores is None:
+    if not prior:
+        scores = None
+    elif scores is None:
         scores = pool_scores(encoder, bank, pools)
-    scores = scores if prior else None
     loss, parts = engine(bank, *pools, scores)
     engine.backward(loss)
     engine.step()
