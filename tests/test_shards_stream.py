@@ -211,11 +211,14 @@ def test_tar_members_match_webdataset_and_stop_at_truncation(synthetic_shards, t
     member, it yields the members before the cut and then raises."""
     from shards.tarread import tar_members
 
+    from shards.tarread import _ustar_member
+
     shard = synthetic_shards / "train-000000.tar"
     with open(shard, "rb") as f:
         expected = [(m["fname"], m["data"]) for m in wds.tariterators.tar_file_iterator(f)]
     got = [(m["fname"], m["data"]) for m in tar_members(shard, "x")]
     assert got == expected and len(got) >= 4
+    assert _ustar_member(shard.read_bytes()[:512]) is not None  # what streamret writes takes the hand-parsed path
     data = shard.read_bytes()
     cut = data.index(expected[2][1]) + len(expected[2][1]) // 2  # half of the third member's bytes
     (tmp_path / "cut.tar").write_bytes(data[:cut])
@@ -224,3 +227,76 @@ def test_tar_members_match_webdataset_and_stop_at_truncation(synthetic_shards, t
         for m in reader:
             seen.append((m["fname"], m["data"]))
     assert seen == expected[:2]
+
+
+def _tarfile_members(path: Path) -> list[tuple[str, bytes]]:
+    """The oracle: every regular member as ``tarfile`` alone reads a seekable file (the reader
+    ``tar_members`` had before it parsed plain ustar headers itself)."""
+    import tarfile
+
+    out = []
+    with open(path, "rb", buffering=0) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for info in tar:
+            if info.isreg():
+                f.seek(info.offset_data)
+                data = f.read(info.size)
+                if len(data) != info.size:
+                    raise EOFError("cut short")
+                out.append((info.name, data))
+    return out
+
+
+def _outcome(read, path: Path):
+    got = []
+    try:
+        for item in read(path):
+            got.append(item)
+    except Exception as exn:  # noqa: BLE001 - the outcome compared is the exception's type
+        return got, type(exn).__name__
+    return got, None
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "ustar"])
+def test_tar_members_read_what_tarfile_reads_whatever_the_headers_and_wherever_the_damage(tmp_path, fmt) -> None:
+    """Plain ustar headers are parsed by hand, anything else is handed to tarfile: on archives with
+    pax and GNU long names, a ustar name prefix, non-ASCII names, directories and links, and on
+    every truncation point and a corrupted header, the members read and the error raised are
+    tarfile's own."""
+    import io
+    import tarfile
+
+    from shards.tarread import tar_members
+
+    def fast(path):
+        return [(m["fname"], m["data"]) for m in tar_members(path, "x")]
+
+    names = ["a.json", "a.0000.jpg", "dir" * 40 + "/long.jpg", "caf\u00e9.txt", "b.mp4", "b.json"]
+    if fmt == "ustar":
+        names[3] = "cafe.txt"  # ustar cannot store non-ASCII names
+    path = tmp_path / f"{fmt}.tar"
+    fmt_id = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}[fmt]
+    with tarfile.open(path, "w", format=fmt_id) as tar:
+        for i, name in enumerate(names):
+            data = bytes(range(256)) * (i * 3) + b"x" * i  # sizes on and off the 512-byte blocks
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+            if i == 2:
+                directory = tarfile.TarInfo("d")
+                directory.type = tarfile.DIRTYPE
+                tar.addfile(directory)
+                link = tarfile.TarInfo("l")
+                link.type, link.linkname = tarfile.SYMTYPE, "a.json"
+                tar.addfile(link)
+    expected = _tarfile_members(path)
+    assert [n for n, _ in expected] == names and fast(path) == expected
+    data = path.read_bytes()
+    cuts = sorted({*range(0, len(data), 256), *range(1, len(data), 509), len(data) - 1})
+    for cut in cuts:
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        assert _outcome(fast, tmp_path / "cut.tar") == _outcome(_tarfile_members, tmp_path / "cut.tar"), cut
+    for block in range(0, len(data) // 512):  # one header (or data block) overwritten with garbage
+        broken = bytearray(data)
+        broken[block * 512 + 100 : block * 512 + 160] = b"\xff" * 60
+        (tmp_path / "bad.tar").write_bytes(bytes(broken))
+        assert _outcome(fast, tmp_path / "bad.tar") == _outcome(_tarfile_members, tmp_path / "bad.tar"), block
