@@ -192,9 +192,9 @@ def _ustar_member(header: bytes) -> tuple[str, int] | None:
 
 def _local_members(f, path, url: str) -> Iterator[dict]:
     """``tar_members`` of a seekable file: plain ustar headers are parsed here (one read of 512
-    bytes, one of the data), much cheaper than ``tarfile``'s header objects; the first header that is anything else (a pax or GNU extension,
-    damage, the end) hands the rest of the file to ``tarfile`` from that offset, which reads it
-    and fails exactly as it would have from the start.
+    bytes, one of the data), much cheaper than ``tarfile``'s header objects; the first header
+    that is anything else (a pax or GNU extension, damage, the end) hands the rest of the file to
+    ``tarfile`` from that offset, which reads it and fails exactly as it would have from the start.
 
     Why: a frame shard's clip is ~32 members (30 s at 1 fps plus its json); ``tarfile`` spent
     7.3 ms of CPU per such clip on headers, 41 % of what decoding its 12 picked JPEGs took in the
@@ -208,14 +208,10 @@ def _local_members(f, path, url: str) -> Iterator[dict]:
             break
         name, size = member
         read_to, offset = offset + 512, offset + 512 + -(-size // 512) * 512
-        if _unsafe(name):  # never a sample of ours
-            log.warning("%s: member %r has an absolute or '..' path; skipped", path, name)
-            continue
-        data = f.read(size)
-        read_to += len(data)
-        if len(data) != size:
-            raise EOFError(f"member {name} is cut short: {len(data)} of {size} bytes")
-        yield {"fname": name, "data": data, "__url__": url}
+        item = _read_member(f, name, size, path, url)
+        if item is not None:
+            read_to += size
+            yield item
     if offset and read_to != offset:  # tarfile's own check before its next header: the padding is there
         f.seek(offset - 1)
         if not f.read(1):
@@ -225,15 +221,22 @@ def _local_members(f, path, url: str) -> Iterator[dict]:
         for info in tar:  # headers are parsed lazily, one per step
             if not info.isreg():
                 continue
-            if _unsafe(info.name):
-                log.warning("%s: member %r has an absolute or '..' path; skipped", path, info.name)
-                continue
             f.seek(info.offset_data)
-            data = f.read(info.size)
-            if len(data) != info.size:
-                raise EOFError(f"member {info.name} is cut short: {len(data)} of {info.size} bytes")
-            yield {"fname": info.name, "data": data, "__url__": url}
+            item = _read_member(f, info.name, info.size, path, url)
+            if item is not None:
+                yield item
             tar.members = []  # tarfile keeps every header otherwise: a 256 MB shard holds thousands
+
+
+def _read_member(f, name: str, size: int, path, url: str) -> dict | None:
+    """The member ``name`` of ``size`` bytes at ``f``'s position, or None when its path is unsafe."""
+    if _unsafe(name):  # never a sample of ours
+        log.warning("%s: member %r has an absolute or '..' path; skipped", path, name)
+        return None
+    data = f.read(size)
+    if len(data) != size:
+        raise EOFError(f"member {name} is cut short: {len(data)} of {size} bytes")
+    return {"fname": name, "data": data, "__url__": url}
 
 
 def shard_samples(path: str | Path, url: str, expected: int, skipped: Callable[[str], None],
