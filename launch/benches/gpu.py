@@ -49,7 +49,7 @@ def _train(args, device: str) -> dict:
     out = {"overrides": overrides, "runs": []}
     for batch in [int(b) for b in args.batches.split(",")]:
         ns = argparse.Namespace(ranks="1", batch_size=batch, steps=2 if args.tiny else 10, warmup=1 if args.tiny else 3,
-                                threads=0, overrides=overrides)
+                                threads=0, overrides=overrides, formats="")  # the data path is the jpeg part's
         row = train.run(ns)["runs"][0]
         flops = row["flops_per_step_rank0"]
         row["mfu"] = (flops / row["step_s"] / (args.peak_tflops * 1e12)) if flops and device == "cuda" else None

@@ -8,6 +8,17 @@ optimisation step (encoders, global-batch gather, WTI loss, backward, gradient a
 without video decoding. ``--batch-size`` is per rank (weak scaling, like data.batch_size): the global
 batch grows with the ranks. The first ``--warmup`` steps are not timed (DeepSpeed's first steps
 allocate buffers).
+
+With ``--formats`` (default ``video,frames``) the same step is then fed by the real data path:
+``launch/train.py`` trains stage con for ``--feed-steps`` steps on one corpus of ``--feed-clips``
+long-GOP 320x240 clips of ``--feed-seconds`` s (the decode bench's), packed once per format
+(video: transcoded to the model's input size, 8 fps, GOP 8, fastdecode; frames: JPEGs at
+``data.sample_fps``), and the run's own MLflow metrics ``con/samples_per_s`` and
+``con/data_wait_frac`` (``trainer.components.loop.StepTimer``: the share of wall time the loop
+waited for its next batch) are read back, averaged over the log windows after the first (worker
+start-up). Measured on 2 cores (48 clips, batch 8, 2 loader workers): transcoded video 17.3
+samples/s at 0.15 data wait, frames 29.8 at 0.12, the engine step alone 54.6. Workers that share
+the cores with the step slow the step rather than make it wait, so compare samples/s.
 """
 from __future__ import annotations
 
@@ -15,11 +26,15 @@ import argparse
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,6 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=6, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the last one counts FLOPs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = cores // ranks)")
+    p.add_argument("--formats", default="video,frames", help="shard formats fed through launch/train.py ('' = skip)")
+    p.add_argument("--feed-clips", type=int, default=48)
+    p.add_argument("--feed-seconds", type=float, default=30.0)
+    p.add_argument("--feed-steps", type=int, default=24, help="stage-con steps per format (log every 4)")
+    p.add_argument("--feed-work-dir", type=Path, default=None, help="corpus + shards (default: a temp dir, removed)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., deepspeed=zero2, deepspeed.precision=fp32)")
     return p
 
@@ -128,4 +148,63 @@ def run(args: argparse.Namespace) -> dict:
                "flops_per_step_rank0": timing["flops_per_step"], "peak_memory_gb_rank0": timing["peak_memory_gb"]}
         results["runs"].append(row)
         print(f"{world:>5} {global_batch:>12} {row['step_s']:>8.3f} {sps:>10.1f} {sps / world:>9.1f}")
+    formats = [f for f in args.formats.split(",") if f]
+    if formats:
+        with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
+            results["feed"] = feed(args, formats, args.feed_work_dir or Path(tmp))
     return results
+
+
+def feed(args: argparse.Namespace, formats: list[str], work: Path) -> list[dict]:
+    """Stage con through ``launch/train.py`` on each format of one packed corpus; see the module doc."""
+    from launch.benches.decode import make_corpus, pack
+    from shards.probe import FrameSpec, Transcode
+    from trainer.launchers.cli import compose
+
+
+    corpus = argparse.Namespace(clips=args.feed_clips, seconds=args.feed_seconds, size="320x240", fps=25, gop=250)
+    manifest = make_corpus(work / "videos", corpus)
+    cfg = compose(["data=manifest", f"data.root={manifest.parent}", *args.overrides])  # what the runs train with
+    size = cfg.model.image_size
+    rows = []
+    print(f"{'format':>7} {'pack s/clip':>11} {'samples/s':>10} {'data wait':>9}")
+    for fmt in formats:
+        if fmt not in ("video", "frames"):
+            raise SystemExit(f"train bench: --formats takes video and/or frames, got {fmt!r}")
+        shards = work / f"shards-{fmt}"
+        if fmt == "video":
+            pack_s = pack(manifest, shards, Transcode(short_side=size, fps=8, gop=8), workers=2, shard_mb=1.0)
+        else:
+            pack_s = pack(manifest, shards, None, workers=2, shard_mb=1.0,
+                          frames=FrameSpec(fps=cfg.data.sample_fps, short_side=size))
+        run_dir, db = work / f"run-{fmt}", work / f"{fmt}.db"
+        cmd = [sys.executable, str(REPO / "launch" / "train.py"), "data=manifest", f"data.root={manifest.parent}",
+               f"data.shards={shards}", "data.train_split=bench", "data.test_split=bench",
+               f"data.batch_size={args.batch_size}", "stage.run=[con]", f"stage.con.max_steps={args.feed_steps}",
+               "stage.con.log_every=4", f"run.dir={run_dir}", "run.overwrite=true", "run.progress=false",
+               "run.stop_on_collapse=false", f"tracking.uri=sqlite:///{db}", "tracking.register=false", *args.overrides]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                              env=dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu")))
+        if proc.returncode != 0:
+            raise RuntimeError(f"train bench, {fmt} shards: launch/train.py exited {proc.returncode}: "
+                               f"{proc.stderr.strip()[-2000:]}")
+        run_id = json.loads((run_dir / "metrics.json").read_text())["mlflow_run_id"]
+        windows = _metric_windows(f"sqlite:///{db}", run_id)
+        steady = windows[1:] or windows
+        row = {"format": fmt, "clips": args.feed_clips, "clip_seconds": args.feed_seconds, "steps": args.feed_steps,
+               "pack_s_per_clip": pack_s / args.feed_clips,
+               "samples_per_s": sum(w[0] for w in steady) / len(steady),
+               "data_wait_frac": sum(w[1] for w in steady) / len(steady), "log_windows": len(windows)}
+        rows.append(row)
+        print(f"{fmt:>7} {row['pack_s_per_clip']:>11.2f} {row['samples_per_s']:>10.1f} {row['data_wait_frac']:>9.2f}")
+    return rows
+
+
+def _metric_windows(uri: str, run_id: str) -> list[tuple[float, float]]:
+    """(samples/s, data-wait fraction) of each stage-con log window of the run, in step order."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    sps = {m.step: m.value for m in client.get_metric_history(run_id, "con/samples_per_s")}
+    wait = {m.step: m.value for m in client.get_metric_history(run_id, "con/data_wait_frac")}
+    return [(sps[k], wait[k]) for k in sorted(sps) if k in wait]
