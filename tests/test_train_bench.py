@@ -23,3 +23,12 @@ def test_train_bench_feeds_both_formats_through_the_trainer(tmp_path):
         # each format trained on its own shards, as packed
         index = json.loads((work / f"shards-{row['format']}" / "bench.index.json").read_text())
         assert index["format"] == row["format"]
+
+
+def test_an_unknown_format_is_one_line_exit_2_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--formats", "video,jpeg", "--out", str(tmp_path / "train.json")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'jpeg'" in err[0] and "video and/or frames" in err[0]
+    assert not (tmp_path / "train.json").exists()

@@ -127,6 +127,11 @@ def run(args: argparse.Namespace) -> dict:
 
     from trainer.launchers.cli import compose
 
+    formats = [f for f in args.formats.split(",") if f]
+    unknown = [f for f in formats if f not in ("video", "frames")]
+    if unknown:  # one line, exit 2, before anything runs
+        print(f"train bench: --formats takes video and/or frames, got {','.join(unknown)!r}", file=sys.stderr)
+        raise SystemExit(2)
     cfg = compose(list(args.overrides))
     cfg_yaml = OmegaConf.to_yaml(cfg)
     results = {"model": cfg.model.name, "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -148,7 +153,6 @@ def run(args: argparse.Namespace) -> dict:
                "flops_per_step_rank0": timing["flops_per_step"], "peak_memory_gb_rank0": timing["peak_memory_gb"]}
         results["runs"].append(row)
         print(f"{world:>5} {global_batch:>12} {row['step_s']:>8.3f} {sps:>10.1f} {sps / world:>9.1f}")
-    formats = [f for f in args.formats.split(",") if f]
     if formats:
         with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
             results["feed"] = feed(args, formats, args.feed_work_dir or Path(tmp))
@@ -161,7 +165,6 @@ def feed(args: argparse.Namespace, formats: list[str], work: Path) -> list[dict]
     from shards.probe import FrameSpec, Transcode
     from trainer.launchers.cli import compose
 
-
     corpus = argparse.Namespace(clips=args.feed_clips, seconds=args.feed_seconds, size="320x240", fps=25, gop=250)
     manifest = make_corpus(work / "videos", corpus)
     cfg = compose(["data=manifest", f"data.root={manifest.parent}", *args.overrides])  # what the runs train with
@@ -169,8 +172,6 @@ def feed(args: argparse.Namespace, formats: list[str], work: Path) -> list[dict]
     rows = []
     print(f"{'format':>7} {'pack s/clip':>11} {'samples/s':>10} {'data wait':>9}")
     for fmt in formats:
-        if fmt not in ("video", "frames"):
-            raise SystemExit(f"train bench: --formats takes video and/or frames, got {fmt!r}")
         shards = work / f"shards-{fmt}"
         if fmt == "video":
             pack_s = pack(manifest, shards, Transcode(short_side=size, fps=8, gop=8), workers=2, shard_mb=1.0)
