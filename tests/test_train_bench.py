@@ -6,9 +6,8 @@ import pytest
 
 from launch.bench import main
 
-pytestmark = pytest.mark.slow  # DeepSpeed rank processes and two training subprocesses
 
-
+@pytest.mark.slow  # DeepSpeed rank processes and two training subprocesses
 def test_train_bench_feeds_both_formats_through_the_trainer(tmp_path):
     out, work = tmp_path / "train.json", tmp_path / "work"
     main(["train", "--ranks", "1", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--feed-clips", "4",
