@@ -167,7 +167,8 @@ def feed(args: argparse.Namespace, formats: list[str], work: Path) -> list[dict]
 
     corpus = argparse.Namespace(clips=args.feed_clips, seconds=args.feed_seconds, size="320x240", fps=25, gop=250)
     manifest = make_corpus(work / "videos", corpus)
-    cfg = compose(["data=manifest", f"data.root={manifest.parent}", *args.overrides])  # what the runs train with
+    corpus_overrides = ["data=manifest", f"data.root={manifest.parent}"]
+    cfg = compose([*corpus_overrides, *args.overrides])  # what the runs below train with
     size = cfg.model.image_size
     rows = []
     print(f"{'format':>7} {'pack s/clip':>11} {'samples/s':>10} {'data wait':>9}")
@@ -179,10 +180,10 @@ def feed(args: argparse.Namespace, formats: list[str], work: Path) -> list[dict]
             pack_s = pack(manifest, shards, None, workers=2, shard_mb=1.0,
                           frames=FrameSpec(fps=cfg.data.sample_fps, short_side=size))
         run_dir, db = work / f"run-{fmt}", work / f"{fmt}.db"
-        cmd = [sys.executable, str(REPO / "launch" / "train.py"), "data=manifest", f"data.root={manifest.parent}",
-               f"data.shards={shards}", "data.train_split=bench", "data.test_split=bench",
-               f"data.batch_size={args.batch_size}", "stage.run=[con]", f"stage.con.max_steps={args.feed_steps}",
-               "stage.con.log_every=4", f"run.dir={run_dir}", "run.overwrite=true", "run.progress=false",
+        cmd = [sys.executable, str(REPO / "launch" / "train.py"), *corpus_overrides, f"data.shards={shards}",
+               "data.train_split=bench", "data.test_split=bench", f"data.batch_size={args.batch_size}",
+               "stage.run=[con]", f"stage.con.max_steps={args.feed_steps}", "stage.con.log_every=4",
+               f"run.dir={run_dir}", "run.overwrite=true", "run.progress=false",
                "run.stop_on_collapse=false", f"tracking.uri=sqlite:///{db}", "tracking.register=false", *args.overrides]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                               env=dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu")))
