@@ -64,12 +64,12 @@ def cluster(s3):
     c.shutdown()
 
 
-def _driver(cluster, run_dir: Path, shards: Path, corpus: Path, db: Path, *extra: str) -> subprocess.Popen:
+def _driver(cluster, run_dir: Path, shards: Path, corpus: Path, db: Path, *extra: str, batch: int = BATCH) -> subprocess.Popen:
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "launcher=ray", f"launcher.address={cluster.address}",
-           f"data.root={corpus}", f"data.shards={shards}", f"run.dir={run_dir}", f"tracking.uri=sqlite:///{db}", *RUN,
-           *extra]
+           f"data.root={corpus}", f"data.shards={shards}", f"run.dir={run_dir}", f"tracking.uri=sqlite:///{db}",
+           *[o for o in RUN if not o.startswith("data.batch_size=")], f"data.batch_size={batch}", *extra]
     log = open(run_dir.parent / f"{run_dir.name}.driver.log", "w")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir.parent)
 
@@ -123,7 +123,7 @@ def _checkpointed(run_dir: Path, step: int):
     return lambda: (run_dir / "checkpoints" / "con" / f"step{step:08d}" / "COMPLETE").is_file()
 
 
-def _plan(shards: Path, rank: int, world: int, epochs: int) -> list[list[str]]:
+def _plan(shards: Path, rank: int, world: int, epochs: int, batch: int = BATCH) -> list[list[str]]:
     """The batches of keys the local rule gives rank ``rank`` for ``epochs`` epochs (tar reads, no decode)."""
     stream = ShardStream(shards, "train", max_frames=4, image_size=32, training=True, seed=0, shuffle_buffer=8,
                          rank=rank, world_size=world)
@@ -131,7 +131,7 @@ def _plan(shards: Path, rank: int, world: int, epochs: int) -> list[list[str]]:
     for epoch in range(epochs):
         stream.set_epoch(epoch)
         keys = [raw["__key__"] for raw in stream.raw_samples(0, 1, 0, stream.samples_per_rank)]
-        batches += [keys[i:i + BATCH] for i in range(0, len(keys), BATCH)]
+        batches += [keys[i:i + batch] for i in range(0, len(keys), batch)]
     return batches
 
 
@@ -190,7 +190,9 @@ def test_two_nodes_rank0s_node_lost_and_replaced(cluster, s3, s3_shards, synthet
     reaches it), run dir and MLflow store on a filesystem they share (one host's here)."""
     import s3fs
 
-    steps = 9  # three epochs of 3 batches per rank
+    # two epochs of 6 batches of 2 per rank: each Ray epoch starts a new decode pipeline, ~20 s here
+    # (three epochs of 3 batches of 4 took 155 s), so the run is sized in epochs
+    batch, steps = 2, 12
     db = tmp_path / "mlflow.db"
     run_dir = tmp_path / "ray_run"
     run_dir.mkdir()
@@ -198,7 +200,7 @@ def test_two_nodes_rank0s_node_lost_and_replaced(cluster, s3, s3_shards, synthet
     storage = f"{s3}/ray-{tmp_path.name}"
     driver = _driver(cluster, run_dir, s3_shards, synthetic_corpus, db, f"stage.con.max_steps={steps}",
                      "launcher.num_workers=2", "launcher.placement=STRICT_SPREAD", "launcher.max_failures=2",
-                     f"launcher.storage_path={storage}")
+                     f"launcher.storage_path={storage}", batch=batch)
     bucket = s3fs.S3FileSystem()
 
     def reported() -> int:
@@ -206,8 +208,8 @@ def test_two_nodes_rank0s_node_lost_and_replaced(cluster, s3, s3_shards, synthet
         return len(bucket.glob(f"{storage}/*/checkpoint_*/COMPLETE"))
 
     # Ray Train registers a checkpoint once every rank has reported it: the second one persisted
-    # means the first (step 3) is registered. Each epoch (3 steps) starts a new decode pipeline
-    # (seconds), so step 9 is still ahead.
+    # means the first (step 3) is registered. The second (step 6) ends the first epoch, and the next
+    # epoch starts a new decode pipeline (seconds), so step 12 is still ahead.
     _wait_for("two checkpoints reported to Ray Train", lambda: reported() >= 2, driver)
     workers = json.loads((run_dir / "ray" / "workers.json").read_text())
     assert workers["0"]["node_id"] != workers["1"]["node_id"]  # one training worker per node
@@ -234,7 +236,7 @@ def test_two_nodes_rank0s_node_lost_and_replaced(cluster, s3, s3_shards, synthet
     for rank in (0, 1):
         log_lines = read_sample_log(run_dir / "samples" / f"con.rank{rank}.jsonl")
         assert [line["step"] for line in log_lines] == list(range(1, steps + 1))
-        assert [line["keys"] for line in log_lines] == _plan(s3_shards, rank, 2, 3)
+        assert [line["keys"] for line in log_lines] == _plan(s3_shards, rank, 2, 2, batch)
     assert [s for s, _ in _logged_steps(run_dir, db, "con/loss")] == list(range(1, steps + 1))
 
 

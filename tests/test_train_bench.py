@@ -11,7 +11,7 @@ from launch.bench import main
 def test_train_bench_feeds_both_formats_through_the_trainer(tmp_path):
     out, work = tmp_path / "train.json", tmp_path / "work"
     main(["train", "--ranks", "1", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--feed-clips", "4",
-          "--feed-seconds", "4", "--feed-steps", "8", "--feed-work-dir", str(work), "--out", str(out),
+          "--feed-seconds", "2", "--feed-steps", "8", "--feed-work-dir", str(work), "--out", str(out),
           "data.max_frames=4", "data.num_workers=1"])
     saved = json.loads(out.read_text())
     assert saved["runs"][0]["samples_per_s"] > 0
