@@ -300,3 +300,24 @@ def test_tar_members_read_what_tarfile_reads_whatever_the_headers_and_wherever_t
         broken[block * 512 + 100 : block * 512 + 160] = b"\xff" * 60
         (tmp_path / "bad.tar").write_bytes(bytes(broken))
         assert _outcome(fast, tmp_path / "bad.tar") == _outcome(_tarfile_members, tmp_path / "bad.tar"), block
+
+
+def test_channels_last_clips_are_batched_as_they_lie_and_normalise_to_the_planar_batch() -> None:
+    """Decoded clips are interleaved pixels behind a [T, 3, S, S] shape; the loader stacks them
+    without transposing (a plain copy) and normalisation writes the contiguous planar batch."""
+    from shards.decode import ClipTransform, normalise_clip
+    from shards.loader import _stack
+
+    g = torch.Generator().manual_seed(0)
+    transform = ClipTransform(16)
+    clips = [transform.crop(torch.randint(0, 256, (t, 20, 24, 3), dtype=torch.uint8, generator=g), 4) for t in (4, 2, 3)]
+    batch = _stack([video for video, _ in clips])
+    mask = torch.stack([m for _, m in clips])
+    assert batch.shape == (3, 4, 3, 16, 16) and batch.permute(0, 1, 3, 4, 2).is_contiguous()
+    planar = torch.stack([video.contiguous() for video, _ in clips])
+    assert torch.equal(batch, planar)
+    out = normalise_clip(batch, mask)
+    assert out.is_contiguous() and torch.equal(out, normalise_clip(planar, mask))
+    assert (out[~mask] == 0).all() and out[mask].abs().sum() > 0
+    # planar clips (a decoder that writes planes) keep the plain stack
+    assert _stack([p for p in planar]).is_contiguous()
