@@ -112,8 +112,8 @@ class ClipTransform:
         x, top, left = self._resized(x)
         s = self.image_size
         # Channels-last storage behind the [T, 3, S, S] shape: decord's frames are HWC, and a planar
-        # copy here cost 1 ms a clip (~4% of a transcoded decode); batching (torch.stack) makes the
-        # batch contiguous in a tenth of that.
+        # copy here cost 1 ms a clip (~4% of a transcoded decode). The loader batches clips in this
+        # layout too (shards.loader._stack); normalise_clip writes the planar batch on the device.
         out = torch.zeros(max_frames, s, s, 3, dtype=torch.uint8, device=x.device).permute(0, 3, 1, 2)
         out[:t] = x[:, :, top : top + s, left : left + s]
         return out, self._mask(t, max_frames, x.device)

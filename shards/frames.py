@@ -22,7 +22,6 @@ import io
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from shards.decode import _resize_bicubic_uint8, decode_frames, decord, sample_frame_indices, window_frame_indices
 from shards.probe import FrameSpec
@@ -44,6 +43,8 @@ def extract_frames(video: bytes, spec: FrameSpec, start: float | None = None,
     """Decode the frames of ``[start, end]`` at ``spec.fps`` with decord (the reader the video path
     trains with, so the same frame count and rate decide the indices), resize, encode as JPEG.
     Returns (``{"0000.jpg": bytes, ...}``, the ``frames`` entry of the sample's json)."""
+    from torchvision.io import encode_jpeg  # see decode_jpegs
+
     reader = decord.VideoReader(io.BytesIO(video), ctx=decord.cpu(0), num_threads=1)
     n, fps = len(reader), float(reader.get_avg_fps())
     if n == 0:
@@ -80,6 +81,11 @@ def pick_positions(frames_meta: dict, max_frames: int, sample_fps: float, start:
 def decode_jpegs(jpegs: list[bytes], device: str | torch.device = "cpu") -> list[torch.Tensor]:
     """JPEG bytes of one clip -> uint8 planar ``[3, H, W]`` frames (``ClipTransform.crop`` takes the
     list as it is: stacking would be one more copy). ``device="cuda"``: one batched nvJPEG call."""
+    # Imported here, not with the module: torchvision's import pulls in torch._dynamo (2.6 s of a
+    # process start on 2 cores), and every Ray epoch starts a read task and decode actors that
+    # import this module; on video shards they never decode a JPEG.
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
     frames = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     if len({tuple(f.shape) for f in frames}) > 1:

@@ -16,9 +16,9 @@ long-GOP 320x240 clips of ``--feed-seconds`` s (the decode bench's), packed once
 ``data.sample_fps``), and the run's own MLflow metrics ``con/samples_per_s`` and
 ``con/data_wait_frac`` (``trainer.components.loop.StepTimer``: the share of wall time the loop
 waited for its next batch) are read back, averaged over the log windows after the first (worker
-start-up). Measured on 2 cores (48 clips, batch 8, 2 loader workers): transcoded video 17.3
-samples/s at 0.15 data wait, frames 29.8 at 0.12, the engine step alone 54.6. Workers that share
-the cores with the step slow the step rather than make it wait, so compare samples/s.
+start-up). Measured on 2 cores (48 clips, batch 8, 2 loader workers): transcoded video 9.6
+samples/s at 0.12 data wait, frames 26.4 at 0.11 (2.76x), the engine step alone 46.2. Workers that
+share the cores with the step slow the step rather than make it wait, so compare samples/s.
 """
 from __future__ import annotations
 
