@@ -190,9 +190,9 @@ def test_two_nodes_rank0s_node_lost_and_replaced(cluster, s3, s3_shards, synthet
     reaches it), run dir and MLflow store on a filesystem they share (one host's here)."""
     import s3fs
 
-    # two epochs of 6 batches of 2 per rank: each Ray epoch starts a new decode pipeline, ~20 s here
-    # (three epochs of 3 batches of 4 took 155 s), so the run is sized in epochs
-    batch, steps = 2, 12
+    # three epochs of 6 batches of 2 per rank, one decode pipeline per rank: the node goes once step 6
+    # is persisted, and steps 7-18 (with checkpoints at 9, 12, 15) keep the job running meanwhile
+    batch, steps = 2, 18
     db = tmp_path / "mlflow.db"
     run_dir = tmp_path / "ray_run"
     run_dir.mkdir()
@@ -208,8 +208,7 @@ def test_two_nodes_rank0s_node_lost_and_replaced(cluster, s3, s3_shards, synthet
         return len(bucket.glob(f"{storage}/*/checkpoint_*/COMPLETE"))
 
     # Ray Train registers a checkpoint once every rank has reported it: the second one persisted
-    # means the first (step 3) is registered. The second (step 6) ends the first epoch, and the next
-    # epoch starts a new decode pipeline (seconds), so step 12 is still ahead.
+    # means the first (step 3) is registered; step 18 is still ahead.
     _wait_for("two checkpoints reported to Ray Train", lambda: reported() >= 2, driver)
     workers = json.loads((run_dir / "ray" / "workers.json").read_text())
     assert workers["0"]["node_id"] != workers["1"]["node_id"]  # one training worker per node
@@ -236,7 +235,7 @@ def test_two_nodes_rank0s_node_lost_and_replaced(cluster, s3, s3_shards, synthet
     for rank in (0, 1):
         log_lines = read_sample_log(run_dir / "samples" / f"con.rank{rank}.jsonl")
         assert [line["step"] for line in log_lines] == list(range(1, steps + 1))
-        assert [line["keys"] for line in log_lines] == _plan(s3_shards, rank, 2, 2, batch)
+        assert [line["keys"] for line in log_lines] == _plan(s3_shards, rank, 2, 3, batch)
     assert [s for s, _ in _logged_steps(run_dir, db, "con/loss")] == list(range(1, steps + 1))
 
 

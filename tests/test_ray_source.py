@@ -97,6 +97,51 @@ def test_a_ray_epoch_is_the_local_loaders_epoch_batch_for_batch(ray_cluster, syn
                 assert torch.equal(a["video_mask"], b["video_mask"]) and a["video_id"] == b["video_id"]
 
 
+def _decode_actors() -> set[str]:
+    return {actor_id for actor_id, a in ray._private.state.actors().items() if "DecodeClips" in a["ActorClassName"]}
+
+
+def test_one_pipeline_streams_every_epoch_and_resumes_inside_one(ray_cluster, synthetic_shards) -> None:
+    """``epochs()``, what the stage loop pulls: one read task and one pool for all epochs (per-epoch
+    pipelines started a pool each). Rank 1 of 2 has 12 samples, batches of 5: 5, 5, 2 per epoch, as
+    the local loader's (the padded tail never takes the next epoch's samples); a state saved inside
+    epoch 1 resumes there through a new pipeline."""
+    def loaders():
+        ray_loader = RayStreamLoader(_train_stream(synthetic_shards, rank=1, world_size=2), batch_size=5,
+                                     max_words=MAX_WORDS, seed=3, decode_actors=(1, 1))
+        local = build_loader(_train_stream(synthetic_shards, rank=1, world_size=2), batch_size=5,
+                             max_words=MAX_WORDS, num_workers=0, training=True, seed=3, normalise=False)
+        return ray_loader, local
+
+    ray_loader, local = loaders()
+    want = [batch for _ in range(3) for batch in local]
+    before = _decode_actors()
+    stream, got, epochs = ray_loader.epochs(), [], []
+    for _ in range(9):
+        got.append(next(stream))
+        epochs.append(ray_loader.epoch)
+    stream.close()
+    assert len(_decode_actors() - before) == 1  # one pool for the three epochs
+    assert epochs == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [len(b["key"]) for b in got] == [5, 5, 2] * 3
+    assert [b["key"] for b in got] == [b["key"] for b in want]
+    for a, b in zip(got, want):
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["text"], b["text"])
+
+    first, _ = loaders()
+    stream = first.epochs()
+    for _ in range(4):
+        next(stream)
+    state = first.state_dict()
+    stream.close()
+    assert (state["epoch"], state["samples_consumed"]) == (1, 5)
+    again, _ = loaders()
+    again.load_state_dict(state)
+    stream = again.epochs()
+    assert [next(stream)["key"] for _ in range(5)] == [b["key"] for b in want[4:]]
+    stream.close()
+
+
 def test_resume_mid_epoch_continues_with_the_next_batch(ray_cluster, synthetic_shards) -> None:
     full = [b["key"] for b in RayStreamLoader(_train_stream(synthetic_shards), batch_size=4, max_words=MAX_WORDS,
                                               seed=3, decode_actors=(1, 1))]

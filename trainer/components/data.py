@@ -152,7 +152,9 @@ def quarantine_counts(data: DataConfig) -> dict[str, int]:
 
 class TrainSource(Protocol):
     """Batches for one rank: each ``iter`` is the rest of the current epoch (the next ``iter``
-    starts the next one); batch dicts as ``shards.loader.StreamLoader`` yields them."""
+    starts the next one); batch dicts as ``shards.loader.StreamLoader`` yields them. It may also
+    have ``epochs()``, all epochs from its state on in one stream (``trainer.components.loop.epochs``
+    then uses it: ``RayStreamLoader`` starts its decode pipeline once instead of once per epoch)."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]: ...
 

@@ -37,7 +37,11 @@ class LoopState:
 
 
 def epochs(source: Iterable) -> Iterator:
-    """A data source's batches, one pass (epoch) after another, without end."""
+    """A data source's batches, one pass (epoch) after another, without end. A source that streams
+    its epochs itself (``RayStreamLoader.epochs``: one decode pipeline for all of them) does so."""
+    if hasattr(source, "epochs"):
+        yield from source.epochs()
+        return
     while True:
         empty = True
         for batch in source:

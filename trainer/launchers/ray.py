@@ -189,6 +189,9 @@ def _worker_env_vars() -> dict[str, str]:
     return env_vars
 
 
+ARMED = "SIGTERM/SIGINT (ray job stop) from now on"  # printed once the driver handles them
+
+
 class StopOnSignal:
     """SIGTERM/SIGINT to the driver (``ray job stop``, Ctrl-C) write ``<run_dir>/PREEMPT``, which
     every worker's stage loop checks after each step: it checkpoints and ends (``GracefulStop``)."""
@@ -201,6 +204,7 @@ class StopOnSignal:
         self.path.unlink(missing_ok=True)  # a request of an earlier job is not this one's
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._handle)
+        print(f"{ARMED}: the workers checkpoint at their next step and end", flush=True)
         return self
 
     def _handle(self, signum, frame) -> None:
