@@ -19,11 +19,14 @@ install: $(STAMP)
 run: install
 	$(PY) launch/train.py
 
+# One pytest-xdist worker per core (tests/conftest.py keeps the Ray tests together on one of them).
+XDIST := -n auto --dist loadscope
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 bench: install
 	$(PY) -m pip install --quiet -e '.[dev,bench]'

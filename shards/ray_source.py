@@ -296,7 +296,7 @@ class RayStreamLoader:
     ``iter`` is the rest of the current epoch; ``epochs()`` (what a stage loop pulls) is every
     epoch from there on through one pipeline: its read task and decode actors start once per stage,
     not once per epoch (each start is two processes importing torch: 8-10 s of a 10 s epoch of
-    a 2-core test job, ``tests/test_launch_ray.py``)."""
+    a 2-core test job, ``tests/test_ray_launch.py``)."""
 
     def __init__(self, stream: ShardStream, *, batch_size: int, max_words: int, seed: int,
                  decode_actors: tuple[int, int], use_gpu: bool = False, stall_timeout_s: float = 0) -> None:

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,45 @@ if str(ROOT) not in sys.path:
 
 from shards.probe import encode_h264  # noqa: E402
 from tests.support import TINY_RUN, launch_train  # noqa: E402
+
+RAY_MODULES = "tests/test_ray_"  # every module that starts a Ray cluster is named so
+
+
+class RayTestsOnOneWorker:
+    """pytest-xdist (``make test`` runs ``-n auto --dist loadscope``) schedules each test module as a
+    unit, and all ``tests/test_ray_*`` modules as one unit, run one after another on one worker:
+    Ray clusters on one host find each other (``ray.init()`` joins a running one), and their
+    health-check and stall timeouts assume they do not compete with another cluster. The other
+    workers take the rest of the suite meanwhile (xdist's own ``loadgroup`` marks are silently
+    ignored on pytest 9.2, pytest-dev/pytest-xdist#1386). The largest unit is sent first."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config, log):
+        if config.getvalue("dist") != "loadscope":
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class RayFirst(OrderedDict):  # the work queue: the Ray unit (the longest) goes out first
+            def __setitem__(self, scope, tests) -> None:
+                super().__setitem__(scope, tests)
+                if scope == RAY_MODULES:
+                    self.move_to_end(scope, last=False)
+
+        class Scheduling(LoadScopeScheduling):
+            def __init__(self, *args) -> None:
+                super().__init__(*args)
+                self.workqueue = RayFirst()
+
+            def _split_scope(self, nodeid: str) -> str:
+                return RAY_MODULES if nodeid.startswith(RAY_MODULES) else super()._split_scope(nodeid)
+
+        return Scheduling(config, log)
+
+
+def pytest_configure(config) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(RayTestsOnOneWorker(), "ray-tests-on-one-worker")
+
 
 TINY_CORPUS = dict(n_train=24, n_test=12, seed=0, size=32, fps=8, seconds=2.0, captions_per_video=2)
 

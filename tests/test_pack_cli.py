@@ -99,18 +99,6 @@ def test_existing_split_is_kept_unless_forced_and_corruption_fails_verify(manife
     assert "verify train: 1 shards, 3 samples, OK" in proc.stdout
 
 
-@pytest.mark.slow
-def test_pack_cli_packs_through_ray_when_asked(manifest_corpus, tmp_path) -> None:
-    """`data.pack.ray_address` reaches the packer from the command line (it once packed locally)."""
-    shards, local = tmp_path / "ray", tmp_path / "local"
-    proc = run_pack_subprocess(*_overrides(manifest_corpus, shards, workers=2), "data.pack.ray_address=local",
-                               "--splits", "train")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "train: 5 rows in = 3 packed" in proc.stdout and "probed as Ray tasks (local)" in proc.stdout
-    assert run_pack(*_overrides(manifest_corpus, local), "--splits", "train").returncode == 0
-    assert (shards / "train-000000.tar").read_bytes() == (local / "train-000000.tar").read_bytes()
-
-
 @pytest.mark.parametrize("case", ["missing_root", "no_root", "no_manifest", "stray_flag"])
 def test_user_errors_are_one_line_exit_2(case, manifest_corpus, tmp_path) -> None:
     shards = tmp_path / "shards"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -202,19 +201,3 @@ def test_transcode(tmp_path, clip_maker, fastdecode) -> None:
     assert (info.width, info.height, info.num_frames, info.fps) == (32, 32, 8, 4.0)
     # x264 writes its settings into the stream: fastdecode means CAVLC and no deblocking filter.
     assert (b"cabac=0" in data, b"deblock=0" in data) == (fastdecode, fastdecode)
-
-
-@pytest.mark.slow
-def test_packing_as_ray_tasks_writes_the_same_shards(tmp_path, synthetic_corpus) -> None:
-    ray = pytest.importorskip("ray")
-    samples = ManifestCorpus(synthetic_corpus / "test.jsonl").samples("test")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(Path("/tmp") / f"srray{os.getpid()}"))
-    try:
-        report = pack_split(samples, tmp_path / "ray", "test", workers=2, ray_address="auto", progress=False)
-    finally:
-        ray.shutdown()
-    local = pack_split(ManifestCorpus(synthetic_corpus / "test.jsonl").samples("test"), tmp_path / "local", "test",
-                       progress=False)
-    assert report.packed == local.packed == 12
-    assert big_sha(tmp_path / "ray") == big_sha(tmp_path / "local")  # byte-identical shards
