@@ -64,12 +64,12 @@ def cluster(s3):
     c.shutdown()
 
 
-def _driver(cluster, run_dir: Path, shards: Path, corpus: Path, db: Path, *extra: str, batch: int = BATCH) -> subprocess.Popen:
+def _driver(cluster, run_dir: Path, shards: Path, corpus: Path, db: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "launcher=ray", f"launcher.address={cluster.address}",
            f"data.root={corpus}", f"data.shards={shards}", f"run.dir={run_dir}", f"tracking.uri=sqlite:///{db}",
-           *[o for o in RUN if not o.startswith("data.batch_size=")], f"data.batch_size={batch}", *extra]
+           *RUN, *extra]
     log = open(run_dir.parent / f"{run_dir.name}.driver.log", "w")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir.parent)
 
@@ -103,10 +103,10 @@ def _logged_steps(run_dir: Path, db: Path, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key))
 
 
-def _resumed(run_dir: Path, old_pid: int, rank: int = 0):
+def _resumed(run_dir: Path, old_pid: int):
     """True once a new worker group wrote ``workers.json`` and resumed: restored its checkpoint and
-    rewrote rank ``rank``'s sample log (truncated to that checkpoint: a new file)."""
-    path = run_dir / "samples" / f"con.rank{rank}.jsonl"
+    rewrote the sample log (truncated to that checkpoint: a new file)."""
+    path = run_dir / "samples" / "con.rank0.jsonl"
     old_inode = path.stat().st_ino
 
     def check() -> bool:
