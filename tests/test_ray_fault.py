@@ -165,7 +165,8 @@ def test_a_killed_worker_and_a_lost_node_come_back_and_the_run_is_the_uninterrup
     _wait_for("the restarted worker's resume", resumed, driver)
     kill_s = time.time() - killed
 
-    # steps 3, 6 and 9 persisted: a checkpoint after the restart is registered with Ray Train
+    # three checkpoints persisted (step 3's may not be, the worker dies right after writing it):
+    # at least one after the restart is registered with Ray Train
     _wait_for("three checkpoints reported to Ray Train", lambda: reported() >= 3, driver)
     worker = json.loads((run_dir / "ray" / "workers.json").read_text())["0"]
     nodes = {n.node_id: n for n in cluster.worker_nodes}
@@ -178,10 +179,10 @@ def test_a_killed_worker_and_a_lost_node_come_back_and_the_run_is_the_uninterrup
     _wait_for("the restarted group's resume", resumed, driver)
     lost_s = time.time() - lost_at
     log = _finished(driver, run_dir)
+    assert log.count("worker group restarted") >= 2 and "adopted the checkpoint reported to Ray Train" in log
     adopted = next(line[line.index("adopted"):line.index(" into")] for line in log.splitlines() if "adopted the" in line)
     print(f"killed worker: {kill_s:.1f} s from SIGKILL to the restarted worker resuming; node lost: {lost_s:.1f} s "
           f"to the restarted group resuming ({adopted})")
-    assert log.count("worker group restarted") >= 2 and "adopted the checkpoint reported to Ray Train" in log
 
     # the uninterrupted reference: the same run on the local launcher, one thread as a Ray worker has
     local_dir = tmp_path / "local_run"
