@@ -14,7 +14,7 @@ from torch import nn
 
 from ops import wti_paired, wti_similarity
 from trainer.models.config import ModelConfig
-from trainer.models.clip import encode_words
+from trainer.models.clip import attention_kernels, encode_words
 from trainer.models.laff import LAFF, multihead_similarity
 
 
@@ -127,7 +127,8 @@ class RetrievalEncoder(nn.Module):
             clip.visual.conv1.requires_grad_(False)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
-        words = encode_words(self.clip, ids)
+        with attention_kernels(ids):
+            words = encode_words(self.clip, ids)
         eot = ids.argmax(dim=-1)  # <eot> has the largest id in CLIP's vocabulary
         sentence = words[torch.arange(ids.shape[0], device=ids.device), eot]
         weights = masked_softmax(self.text_weight(words).squeeze(-1).float(), mask)
@@ -144,8 +145,9 @@ class RetrievalEncoder(nn.Module):
 
     def encode_video(self, video: torch.Tensor, mask: torch.Tensor) -> VideoFeatures:
         b, t = video.shape[:2]
-        clip_frames = self.clip.encode_image(video.flatten(0, 1)).view(b, t, -1)
-        frames = self.temporal(clip_frames, mask)
+        with attention_kernels(video):
+            clip_frames = self.clip.encode_image(video.flatten(0, 1)).view(b, t, -1)
+            frames = self.temporal(clip_frames, mask)
         weights = masked_softmax(self.video_weight(frames).squeeze(-1).float(), mask)
         fused = fusion = None
         if self.laff_video is not None:
