@@ -127,6 +127,25 @@ def test_a_prior_generators_first_loss_is_stage1s_own_cross_entropy_over_the_poo
         assert abs(parts[f"loss_{direction}"] - float(expected)) < 1e-5
 
 
+def test_gallery_pools_from_the_dense_similarity_equal_the_per_step_scored_ones(monkeypatch):
+    """A train bank small enough has its whole stage-1 similarity computed once and pools look their
+    scores up; a larger one scores each step's draws (paired WTI). Same draws, same pools and scores."""
+    import trainer.stages.pools as pools_module
+
+    encoder = build_encoder(TINY, max_frames=4).requires_grad_(False).eval()
+    bank = bank_from_encoder(encoder, n_videos=12)
+    texts, videos = sample_pairs(bank, 6, torch.Generator().manual_seed(0))
+    dense = GalleryPools(encoder, bank, pool=4, gallery=8, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(pools_module, "DENSE_SIMILARITY_MAX", 0)
+    scored = GalleryPools(encoder, bank, pool=4, gallery=8, generator=torch.Generator().manual_seed(5))
+    assert dense.sim is not None and scored.sim is None
+    for _ in range(2):
+        (a_pools, a_scores), (b_pools, b_scores) = dense.scored(texts, videos), scored.scored(texts, videos)
+        assert all(torch.equal(a, b) for a, b in zip(a_pools, b_pools))
+        for a, b in zip(a_scores, b_scores):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_gallery_draws_resume_with_the_pair_samplers_checkpoint():
     """The galleries are drawn from the pair sampler's generator, the state stage gen checkpoints:
     a sampler restored from step 3's state gives step 4's pairs and galleries exactly."""

@@ -175,6 +175,12 @@ def row_chunks(bank: FeatureBank, cands: torch.Tensor) -> list[slice]:
     return [slice(i, i + step) for i in range(0, cands.shape[0], step)]
 
 
+# Train banks of at most this many (caption, video) pairs have their stage-1 similarity computed
+# once (64 MB in fp32), and pools look their scores up: on the learn bench's 576 x 288 bank the
+# per-step paired WTI over each query's gallery was 74 % of a stage-gen step (py-spy, one thread).
+DENSE_SIMILARITY_MAX = 2**24
+
+
 class GalleryPools:
     """``stage.gen.mode=gallery``: each caption is pooled with its video and its P - 1 best videos by
     stage-1 similarity among G - 1 other train videos drawn at random; each video with one of its
@@ -190,7 +196,8 @@ class GalleryPools:
     fell to 16 % after 200 steps, while trained on G = 32 galleries it rose to 44 %.
 
     Draws come from ``generator`` (the pair sampler's, so a checkpoint of it resumes both). The
-    stage-1 scores of every drawn pair are computed per step, exact paired WTI in row chunks of
+    stage-1 scores of every drawn pair are looked up in the bank's whole similarity matrix when it
+    has at most ``DENSE_SIMILARITY_MAX`` entries; else computed per step, exact paired WTI in row chunks of
     ~64 MB: B x (G - 1) pairs for t2v and B x (G - 1) x captions-per-video for v2t (MSRVTT's 1k
     test gallery and 20 captions per video: 2.6 M pairs a step, which a pooled first stage as in
     ``topk`` mode would cut)."""
@@ -206,6 +213,11 @@ class GalleryPools:
         # v2t draws captions, so that a gallery of G videos holds about G x captions-per-video of them
         self.caption_draws = max(self.pool - 1, round((self.gallery - 1) * bank.num_texts / bank.num_videos))
         self.caption_draws = min(self.caption_draws, bank.num_texts - most_captions)
+        self.sim = None
+        if bank.num_texts * bank.num_videos <= DENSE_SIMILARITY_MAX:
+            videos = bank.video()
+            self.sim = torch.cat([encoder.similarity(bank.text(slice(i, i + 256)), videos)
+                                  for i in range(0, bank.num_texts, 256)])
 
     def _other_videos(self, own: torch.Tensor) -> torch.Tensor:
         """[n, G-1] distinct videos per row, none of them the row's own: the G-1 smallest of a random key
@@ -236,11 +248,15 @@ class GalleryPools:
         texts_cpu, videos_cpu = texts.cpu(), videos.cpu()
         own = self.text_to_video[texts_cpu]
         rivals = self._other_videos(own).to(device)
-        t2v = self._top(lambda r, c: self.encoder.paired_similarity(bank.text(texts[r]), bank.video(c)),
-                        rivals, own.to(device), k)
         captions = self._other_captions(videos_cpu).to(device)
-        v2t = self._top(lambda r, c: self.encoder.paired_similarity(bank.text(c), bank.video(videos[r])),
-                        captions, texts, k)
+        if self.sim is not None:
+            t2v_score = lambda r, c: self.sim[texts[r][:, None], c]  # noqa: E731
+            v2t_score = lambda r, c: self.sim[c, videos[r][:, None]]  # noqa: E731
+        else:
+            t2v_score = lambda r, c: self.encoder.paired_similarity(bank.text(texts[r]), bank.video(c))  # noqa: E731
+            v2t_score = lambda r, c: self.encoder.paired_similarity(bank.text(c), bank.video(videos[r]))  # noqa: E731
+        t2v = self._top(t2v_score, rivals, own.to(device), k)
+        v2t = self._top(v2t_score, captions, texts, k)
         return (texts, t2v[0], videos, v2t[0]), (t2v[1], v2t[1])
 
     def _top(self, score, draws: torch.Tensor, positive: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
