@@ -1,7 +1,8 @@
 """Learning, measured: seeds x corpora x precisions of the default recipe, each a real training run
 (``launch/train.py``: stage con, stage gen, evaluation) on a generated corpus. Measured on 2
-cores: 300-480 s per run, 2 at a time, so ~21-24 min per precision and ~45 min for the matrix
-(the 360-step con schedule doubled it from ~19 min; ``--precisions``/``--seeds`` cut it).
+cores: ~350 s per run, 2 at a time (was 300-530 s before the encoder took the math attention
+kernel on the CPU and small train banks' gallery scores were computed once), so ~30 min for the
+matrix (``--precisions``/``--seeds`` cut it).
 
 Per run: con and gen_rerank t2v/v2t R@1 and Rsum on the test split, chance R@1, whether stage con
 collapsed (the run's MLflow tag), and the wall time. Per (corpus, precision): the mean over
