@@ -12,6 +12,7 @@ import torch
 
 from ops import mine_candidate_pools, pooled_topk, shortlist_recall, top_per_key
 from trainer.components.features import FeatureBank
+from trainer.evaluation.scoring import similarity_matrix
 from trainer.models import RetrievalEncoder
 
 
@@ -215,9 +216,7 @@ class GalleryPools:
         self.caption_draws = min(self.caption_draws, bank.num_texts - most_captions)
         self.sim = None
         if bank.num_texts * bank.num_videos <= DENSE_SIMILARITY_MAX:
-            videos = bank.video()
-            self.sim = torch.cat([encoder.similarity(bank.text(slice(i, i + 256)), videos)
-                                  for i in range(0, bank.num_texts, 256)])
+            self.sim = similarity_matrix(encoder, bank, block=256)
 
     def _other_videos(self, own: torch.Tensor) -> torch.Tensor:
         """[n, G-1] distinct videos per row, none of them the row's own: the G-1 smallest of a random key
