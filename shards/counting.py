@@ -130,7 +130,8 @@ def generate_counting_corpus(
     if size % 2:
         raise ValueError(f"size={size}: H.264 yuv420p needs an even frame size")
     params = dict(kind="counting", n_train=n_train, n_test=n_test, seed=seed, size=size, fps=fps, seconds=seconds,
-                  captions_per_video=captions_per_video, n_val=n_val, version=1)
+                  captions_per_video=captions_per_video, n_val=n_val,
+                  version=2 if n_val else 1)  # 2: val of distinct combinations (carve_val)
     if is_generated(root, params):
         return root
     (root / "corpus.json").unlink(missing_ok=True)

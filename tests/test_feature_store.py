@@ -42,14 +42,14 @@ def extract(encoder, shards: Path, root: Path, dtype=torch.float32, loader_for=N
                          dist=ONE_RANK, desc="test", progress=False, total_samples=int(index["total_samples"]), **kw)
 
 
-def same_bank(a: FeatureBank, b: FeatureBank, exact: bool = True) -> None:
-    check = torch.equal if exact else (lambda x, y: torch.allclose(x, y, atol=2e-3, rtol=0))
+def same_bank(a: FeatureBank, b: FeatureBank, atol: float = 0.0) -> None:
+    check = torch.equal if not atol else (lambda x, y: torch.allclose(x, y, atol=atol, rtol=0))
     ta, tb, va, vb = a.text(), b.text(), a.video(), b.video()
     assert torch.equal(ta.mask, tb.mask) and torch.equal(va.mask, vb.mask)
     for x, y in ((ta.words, tb.words), (ta.sentence, tb.sentence), (va.frames, vb.frames),
                  (a.raw_video()[0], b.raw_video()[0]), (a.raw_sentence(), b.raw_sentence())):
         assert check(x, y)
-    assert torch.equal(ta.weights, tb.weights) and torch.equal(va.weights, vb.weights)
+    assert check(ta.weights, tb.weights) and check(va.weights, vb.weights)
     assert torch.equal(a.text_to_video, b.text_to_video)
     assert a.video_ids == b.video_ids and a.captions == b.captions
 
@@ -75,7 +75,9 @@ def test_extracted_bank_equals_the_in_memory_encoding_and_is_memory_mapped(encod
     data = data_config(synthetic_shards)
     memory = encode_split(encoder, eval_loader(data, TINY, "train"), CaptionTokenizer(16), torch.device("cpu"),
                           torch.float32, "memory", progress=False)
-    same_bank(bank, memory)
+    # Encoded in other batches (part by part): BLAS need not be batch-invariant (frames differ by
+    # 7e-8 on an AMD EPYC, not at all on the Xeons before it), so equal up to float rounding.
+    same_bank(bank, memory, atol=1e-5)
     assert bank.num_videos == 24 and bank.num_texts == memory.num_texts
     index = json.loads((tmp_path / "bank" / "index.json").read_text())
     assert [p["shards"] for p in index["parts"]] == [[s["name"]] for s in read_index(synthetic_shards, "train")["shards"]]

@@ -120,7 +120,10 @@ def check_banks_extracted_once_across_ranks(run_dir: Path, shards: Path) -> None
                         desc="one rank", progress=False, total_samples=train["total_samples"])
     two = open_bank(indexes["train"].parent, torch.device("cpu"))
     assert two.video_ids == one.video_ids and torch.equal(two.text_to_video, one.text_to_video)
-    assert torch.equal(two.text_tokens.x, one.text_tokens.x) and torch.equal(two.video_tokens.x, one.video_tokens.x)
+    assert torch.equal(two.text_tokens.x, one.text_tokens.x)
+    # Same parts, other processes and thread counts: the vision tower's BLAS need not round alike
+    # (1 fp16 ulp apart on an AMD EPYC, equal on the Xeons before it)
+    torch.testing.assert_close(two.video_tokens.x.float(), one.video_tokens.x.float(), atol=1e-3, rtol=0)
 
 
 # --------------------------------------------------------------------------- spawned gloo ranks

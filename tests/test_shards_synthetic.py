@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from shards.decode import decode_frames
-from shards.synthetic import COLOURS, COMBOS, captions_for, generate_synthetic_corpus
+import pytest
+
+from shards.synthetic import COLOURS, COMBOS, captions_for, carve_val, generate_synthetic_corpus
 
 
 def rows(root: Path, split: str) -> list[dict]:
@@ -25,6 +27,19 @@ def test_test_split_has_distinct_combinations_and_unique_captions(synthetic_corp
     assert len(COMBOS) == 96
     assert captions_for("square", "red", "small", "left->right", 2) == [
         "a small red square moves from the left to the right", "a red square, small, slides to the right"]
+
+
+def test_val_is_carved_from_train_with_distinct_combinations_as_test_has() -> None:
+    # repeats at the end of train, as free draws give: the last n_val rows would hold "a" twice
+    train = [{"video_id": f"v{i}", "attributes": {"shape": s, "size": "small"}}
+             for i, s in enumerate(["a", "b", "c", "a", "b", "a"])]
+    rest, val = carve_val(train, 3)
+    assert [r["video_id"] for r in val] == ["v2", "v4", "v5"]  # the last of each combination, in train order
+    assert [r["video_id"] for r in rest] == ["v0", "v1", "v3"]  # nothing lost, nothing in both
+    with pytest.raises(ValueError, match="only 3 distinct attribute combinations"):
+        carve_val(train, 4)
+    with pytest.raises(ValueError, match="n_val=6"):
+        carve_val(train, 6)
 
 
 def test_generation_is_cached_by_parameters(tmp_path) -> None:

@@ -48,8 +48,15 @@ def test_text_weights_are_a_softmax_over_real_words(encoder):
     torch.testing.assert_close(t.words.norm(dim=-1), torch.ones(2, 6))
 
 
-def test_patch_embedding_frozen_and_clip_in_its_own_lr_group(encoder):
-    assert not encoder.clip.visual.conv1.weight.requires_grad
+def test_patch_embedding_frozen_by_provenance_and_clip_in_its_own_lr_group(encoder):
+    # from scratch it is trained; fine-tuning pretrained weights freezes it (the reference's); a
+    # set model.freeze_patch_embed wins either way
+    assert encoder.clip.visual.conv1.weight.requires_grad
+    assert dataclasses.replace(TINY, weights="clip.pt").freezes_patch_embed()
+    assert not dataclasses.replace(TINY, weights="clip.pt", freeze_patch_embed=False).freezes_patch_embed()
+    frozen = build_encoder(dataclasses.replace(TINY, freeze_patch_embed=True), max_frames=4)
+    assert not frozen.clip.visual.conv1.weight.requires_grad
+    assert id(frozen.clip.visual.conv1.weight) not in {id(p) for p in frozen.clip_parameters()}
     clip_ids = {id(p) for p in encoder.clip_parameters()}
     new = encoder.new_parameters()
     assert new and not clip_ids & {id(p) for p in new}

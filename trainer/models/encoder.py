@@ -123,7 +123,7 @@ class RetrievalEncoder(nn.Module):
         # CLIP's own 0-d logit scale is unused (ours is above); drop it: DeepSpeed broadcasts
         # parameters as bytes, which a 0-d bf16 tensor cannot be viewed as.
         clip.logit_scale = None
-        if cfg.freeze_patch_embed:
+        if cfg.freezes_patch_embed():
             clip.visual.conv1.requires_grad_(False)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
