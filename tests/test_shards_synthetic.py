@@ -5,10 +5,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from shards.decode import decode_frames
 import pytest
 
+from shards.decode import decode_frames
 from shards.synthetic import COLOURS, COMBOS, captions_for, carve_val, generate_synthetic_corpus
 
 

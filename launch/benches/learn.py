@@ -1,8 +1,8 @@
 """Learning, measured: seeds x corpora x precisions of the default recipe, each a real training run
 (``launch/train.py``: stage con, stage gen, evaluation) on a generated corpus, packed as frame
-shards (``--pack-format``). Measured on 2 cores: ~165 s per run, 2 at a time (720 con steps;
-the 360-step recipe took ~170 s a run from video shards, ~95 s from frame shards), so ~18 min
-for the matrix (``--precisions``/``--seeds`` cut it).
+shards (``--pack-format``). Measured on 2 cores, 2 runs at a time: 153-244 s a run (720 con
+steps; fp32 and the 80 px counting corpus the slower; the 360-step recipe took ~170 s a run from
+video shards, ~95 s from frame shards), 21.8 min for the matrix (``--precisions``/``--seeds`` cut it).
 
 Per run: con and gen_rerank t2v/v2t R@1 and Rsum on the test split, chance R@1, whether stage con
 collapsed (the run's MLflow tag), and the wall time. Per (corpus, precision): the mean over
