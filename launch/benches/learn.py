@@ -33,8 +33,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--n-val", type=int, default=32)
     p.add_argument("--n-test", type=int, default=64)
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each with cores/jobs threads)")
-    p.add_argument("--pack-format", default="frames", choices=("frames", "video"),
-                   help="data.pack.format of the generated corpora (frames: decoded once at pack time)")
+    p.add_argument("--pack-format", choices=("frames", "video"),
+                   help="data.pack.format of the generated corpora (default: their YAML's, frames)")
     p.add_argument("--workdir", type=Path, default=Path("bench") / "learn")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for every run")
     return p
@@ -54,8 +54,8 @@ def _prepare(args, corpus: str) -> None:
     """Generate and pack the corpus once, before runs share it (with the ``--override``s: a
     ``data.pack.*`` one decides how the shards are written, which the runs cannot change later)."""
     cmd = [sys.executable, str(REPO / "launch" / "pack.py"), *_corpus_overrides(args, corpus), "run.progress=false",
-           f"data.pack.format={args.pack_format}", *[o for o in args.override if o.startswith("data.")],
-           "--splits", "train,val,test"]
+           *([f"data.pack.format={args.pack_format}"] if args.pack_format else []),
+           *[o for o in args.override if o.startswith("data.")], "--splits", "train,val,test"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(os.cpu_count() or 2), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"packing {corpus} failed: {proc.stderr[-2000:]}")
